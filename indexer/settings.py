@@ -1,0 +1,40 @@
+"""All configuration in one place: environment variables with the LOOKALIKE_ prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", extra="ignore")
+
+    home: Path = Field(default=Path("lookalike-data"), description="Folder holding the SQLite database and index files")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file under home")
+    backbone: str = Field(default="efficientnet-lite0", description="Embedding backbone for new indexes")
+    runtime: str = Field(default="onnx", description="Inference runtime: onnx or torch")
+    clip_weights: Path | None = Field(default=None, description="Local open_clip weights file for clip:* backbones")
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    decode_workers: int = Field(default=0, ge=0, description="Decoder processes; 0 = one per CPU core")
+    threads: int = Field(default=0, ge=0, description="Inference threads; 0 = one per CPU core")
+    max_image_pixels: int = Field(default=89_478_485, ge=1, description="Larger images are refused as decompression bombs")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    thumbnail_size: int = Field(default=256, ge=16, le=2048)
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_home / 'lookalike.db'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
