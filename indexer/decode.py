@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from indexer.backbones import Preprocess
-from indexer.errors import ImageRejected
+from indexer.errors import ImageRejected, UnsupportedImage
 
 try:  # HEIC/HEIF photos from phones
     import pillow_heif
@@ -27,9 +27,7 @@ except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
 
 # MPO is the multi-picture JPEG many cameras write; it decodes like a JPEG.
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", *_HEIF)
-IMAGE_SUFFIXES = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif".split()
-)
+IMAGE_SUFFIXES = frozenset(".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif".split())
 
 # We enforce the pixel limit ourselves (see _check_size), so Pillow's warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -64,7 +62,7 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected("not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC)") from None
+        raise UnsupportedImage("not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC)") from None
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except OSError as exc:

@@ -9,6 +9,10 @@ class ImageRejected(LookalikeError):
     """An input file is not an image lookalike can decode (corrupt, unsupported, too large...)."""
 
 
+class UnsupportedImage(ImageRejected):
+    """The bytes are not in any image format lookalike accepts."""
+
+
 class BackboneMismatch(LookalikeError):
     """The home folder's index was built with a different backbone than the one asked for."""
 

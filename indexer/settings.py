@@ -14,13 +14,18 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path("lookalike-data"), description="Folder holding the SQLite database and index files")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file under home")
-    backbone: str = Field(default="efficientnet-lite0", description="Embedding backbone for new indexes")
+    backbone: str | None = Field(
+        default=None, description="Embedding backbone; default: the index's own, or efficientnet-lite0 for a new one"
+    )
     runtime: str = Field(default="onnx", description="Inference runtime: onnx or torch")
     clip_weights: Path | None = Field(default=None, description="Local open_clip weights file for clip:* backbones")
     batch_size: int = Field(default=32, ge=1, le=1024)
     decode_workers: int = Field(default=0, ge=0, description="Decoder processes; 0 = one per CPU core")
     threads: int = Field(default=0, ge=0, description="Inference threads; 0 = one per CPU core")
-    max_image_pixels: int = Field(default=89_478_485, ge=1, description="Larger images are refused as decompression bombs")
+    max_image_pixels: int = Field(
+        default=89_478_485, ge=1, description="Larger images are refused as decompression bombs"
+    )
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Larger files are skipped")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
 

@@ -1,0 +1,50 @@
+"""Write every indexed image's id, absolute path and embedding to Parquet or NumPy's .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from indexer import store
+from indexer.errors import LookalikeError
+from indexer.library import Library
+
+
+def export_embeddings(library: Library, out: Path) -> int:
+    """Write the table to `out` (format from its suffix); return the number of rows."""
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".npz"):
+        raise LookalikeError(f"cannot export to {out.name}: use a .parquet or .npz file name")
+    ids, paths, vectors, dim = _collect(library)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if suffix == ".npz":
+        with open(tmp, "wb") as fh:
+            np.savez(fh, id=ids, path=np.array(paths, dtype=str), embedding=vectors)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+        table = pa.table(
+            {"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()), "embedding": embedding}
+        )
+        pq.write_table(table, tmp)
+    tmp.replace(out)
+    return len(ids)
+
+
+def _collect(library: Library):
+    with library.sessions() as session:
+        backbone = store.backbone_in_use(session)
+        if backbone is None:
+            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32), 0
+        id_parts, vec_parts = [], []
+        for ids, vectors in store.iter_vectors(session, backbone.id):
+            id_parts.append(ids)
+            vec_parts.append(vectors)
+        ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
+        vectors = np.concatenate(vec_parts) if vec_parts else np.zeros((0, backbone.dim), np.float32)
+        rows = store.images_by_ids(session, ids.tolist())
+        return ids, [rows[int(i)].path for i in ids], vectors.astype(np.float32), backbone.dim

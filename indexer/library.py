@@ -1,0 +1,183 @@
+"""A lookalike home folder opened for use: database, backbone, FAISS index, write lock.
+
+The database is the source of truth; the FAISS bundle is a cache of the stored embeddings.
+Opening the index checks the two against each other and repairs the index from the stored
+vectors when they differ (after a crash, a kill, or a damaged file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from indexer import store
+from indexer.backbones import Backbone, load_backbone
+from indexer.database import make_engine, session_factory, upgrade
+from indexer.errors import BackboneMismatch, IndexBusy
+from indexer.settings import Settings
+from indexer.vector_index import IndexCorrupt, VectorIndex
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+Notify = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+class Library:
+    def __init__(self, settings: Settings, *, notify: Notify = _ignore):
+        self.settings = settings
+        self.home = settings.resolved_home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.notify = notify
+        self.engine = make_engine(settings.resolved_database_url)
+        upgrade(self.engine)
+        self.sessions = session_factory(self.engine)
+        self._backbone: Backbone | None = None
+        self._backbone_lock = threading.Lock()
+        self._index: VectorIndex | None = None
+        self._lock_held = False
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / "index"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- backbone ------------------------------------------------------------------------------
+
+    def backbone_name(self) -> str:
+        """The index's backbone; a different explicitly configured one is an error, never a mix."""
+        with self.sessions() as session:
+            row = store.backbone_in_use(session)
+        wanted = self.settings.backbone
+        if row is None:
+            return wanted or DEFAULT_BACKBONE
+        if wanted and wanted != row.name:
+            raise BackboneMismatch(
+                f"the index in {self.home} was built with backbone {row.name!r}; it cannot mix in {wanted!r}. "
+                f"Use another --home for {wanted!r}."
+            )
+        return row.name
+
+    def backbone(self) -> Backbone:
+        """Load the model once per process (thread-safe); later calls reuse the same session."""
+        with self._backbone_lock:
+            if self._backbone is None:
+                self._backbone = load_backbone(
+                    self.backbone_name(),
+                    runtime=self.settings.runtime,
+                    cache_dir=self.model_cache_dir,
+                    clip_weights=self.settings.clip_weights,
+                    threads=self.settings.threads,
+                )
+            return self._backbone
+
+    # -- index ---------------------------------------------------------------------------------
+
+    def index(self, *, repair_on_disk: bool = True) -> VectorIndex:
+        """The verified in-memory index (loaded once); repaired from the database if needed."""
+        if self._index is None:
+            self._index = self._load_verified_index(save_repairs=repair_on_disk)
+        return self._index
+
+    def _load_verified_index(self, *, save_repairs: bool) -> VectorIndex:
+        with self.sessions() as session:
+            row = store.backbone_in_use(session)
+            if row is None:
+                return VectorIndex(dim=0)
+            backbone_id, name, dim = row.id, row.name, row.dim
+            stored_ids = store.embedded_ids(session, backbone_id)
+        try:
+            index = VectorIndex.load(self.index_dir, name, dim)
+        except IndexCorrupt as exc:
+            if len(stored_ids):
+                self.notify(f"index damaged or missing ({exc}); rebuilding from {len(stored_ids)} stored embeddings")
+            index = VectorIndex(dim)
+        changed = self.reconcile(index, backbone_id, stored_ids)
+        if changed and save_repairs:
+            try:
+                with self.write_lock():
+                    index.save(self.index_dir, name)
+            except IndexBusy:
+                pass  # the writer holding the lock will save its own, newer state
+        return index
+
+    def reconcile(self, index: VectorIndex, backbone_id: int, stored_ids: np.ndarray | None = None) -> bool:
+        """Make `index` hold exactly the stored embeddings' ids; True when anything changed."""
+        with self.sessions() as session:
+            if stored_ids is None:
+                stored_ids = store.embedded_ids(session, backbone_id)
+            in_index = index.ids()
+            extra = np.setdiff1d(in_index, stored_ids, assume_unique=True)
+            missing = np.setdiff1d(stored_ids, in_index, assume_unique=True)
+            if len(extra) or len(missing):
+                self.notify(
+                    f"index and database disagree ({len(missing)} missing, {len(extra)} stale); "
+                    "repairing from stored embeddings"
+                )
+            index.remove(extra)
+            for ids, vectors in store.iter_vectors(session, backbone_id, ids=missing if len(missing) else []):
+                index.add(ids, vectors)
+        return bool(len(extra) or len(missing))
+
+    def rebuild_index(self) -> VectorIndex:
+        """Build a fresh index from every stored embedding and save it (lookalike reindex)."""
+        with self.write_lock():
+            with self.sessions() as session:
+                row = store.backbone_in_use(session)
+                if row is None:
+                    return VectorIndex(dim=0)
+                backbone_id, name, dim = row.id, row.name, row.dim
+                index = VectorIndex(dim, generation=_current_generation(self.index_dir))
+                for ids, vectors in store.iter_vectors(session, backbone_id):
+                    index.add(ids, vectors)
+            index.save(self.index_dir, name)
+            self._index = index
+            return index
+
+    # -- locking -------------------------------------------------------------------------------
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """One writer per home folder; a second one is refused rather than left to corrupt."""
+        if self._lock_held:
+            yield
+            return
+        path = self.home / "write.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                raise IndexBusy(f"{self.home} is being written by pid {holder}; try again when it finishes") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._lock_held = True
+            try:
+                yield
+            finally:
+                self._lock_held = False
+        finally:
+            os.close(fd)  # closing releases the lock, also when the process is killed
+
+
+def _current_generation(folder: Path) -> int:
+    from indexer.vector_index import read_manifest
+
+    manifest = read_manifest(folder)
+    return int(manifest.get("generation", 0)) if manifest else 0

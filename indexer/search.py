@@ -1,0 +1,74 @@
+"""Query the index by image bytes or by an indexed image's id; results speak database ids."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from indexer import store
+from indexer.decode import decode_for_model
+from indexer.errors import NotIndexed
+from indexer.library import Library
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    id: int
+    path: str
+    score: float
+
+
+@dataclass
+class SearchResponse:
+    results: list[SearchResult]
+    took_ms: float
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "results": [{"id": r.id, "path": r.path, "score": r.score} for r in self.results],
+            "took_ms": round(self.took_ms, 3),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+def embed_image_bytes(library: Library, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+    """Decode and embed one query image; raises ImageRejected for bytes that are not an image."""
+    backbone = library.backbone()
+    t0 = time.perf_counter()
+    pixels, _ = decode_for_model(data, backbone.preprocess, max_pixels=library.settings.max_image_pixels)
+    t1 = time.perf_counter()
+    vector = backbone.embed(pixels[None])[0]
+    t2 = time.perf_counter()
+    return vector, {"decode_ms": (t1 - t0) * 1000, "embed_ms": (t2 - t1) * 1000}
+
+
+def search_image(library: Library, data: bytes, k: int) -> SearchResponse:
+    started = time.perf_counter()
+    vector, timings = embed_image_bytes(library, data)
+    return _ranked(library, vector, k, started, timings)
+
+
+def search_similar(library: Library, image_id: int, k: int) -> SearchResponse:
+    """Nearest neighbours of an indexed image, the image itself left out."""
+    started = time.perf_counter()
+    index = library.index(repair_on_disk=False)
+    vector = index.reconstruct(image_id)
+    if vector is None:
+        raise NotIndexed(f"no indexed image with id {image_id}")
+    return _ranked(library, vector, k, started, {}, exclude=image_id)
+
+
+def _ranked(library, vector, k, started, timings, exclude: int | None = None) -> SearchResponse:
+    t0 = time.perf_counter()
+    index = library.index(repair_on_disk=False)
+    (hits,) = index.search(vector[None], k + (exclude is not None))
+    hits = [h for h in hits if h.id != exclude][:k]
+    timings["search_ms"] = (time.perf_counter() - t0) * 1000
+    with library.sessions() as session:
+        rows = store.images_by_ids(session, [h.id for h in hits])
+    # A row may vanish between search and lookup if a writer removed it; skip rather than fail.
+    results = [SearchResult(h.id, rows[h.id].path, h.score) for h in hits if h.id in rows]
+    return SearchResponse(results, (time.perf_counter() - started) * 1000, timings)

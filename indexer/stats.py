@@ -1,0 +1,37 @@
+"""What a home folder holds: images by status, backbone, index type and size on disk."""
+
+from __future__ import annotations
+
+from indexer import store
+from indexer.library import Library
+from indexer.vector_index import read_manifest
+
+
+def collect_stats(library: Library) -> dict:
+    with library.sessions() as session:
+        counts = store.status_counts(session)
+        backbone = store.backbone_in_use(session)
+        failed = store.failures(session, limit=50)
+    manifest = read_manifest(library.index_dir) or {}
+    index_file = library.index_dir / manifest["file"] if manifest.get("file") else None
+    db_file = library.home / "lookalike.db"
+    return {
+        "home": str(library.home),
+        "database": library.engine.url.render_as_string(hide_password=True),
+        "images": {
+            "indexed": counts.get(store.STATUS_INDEXED, 0),
+            "failed": counts.get(store.STATUS_FAILED, 0),
+            "total": sum(counts.values()),
+        },
+        "backbone": backbone.name if backbone else None,
+        "dimension": backbone.dim if backbone else None,
+        "index": {
+            "type": manifest.get("index_type"),
+            "metric": manifest.get("metric"),
+            "vectors": manifest.get("count", 0),
+            "generation": manifest.get("generation", 0),
+            "bytes": index_file.stat().st_size if index_file and index_file.exists() else 0,
+        },
+        "database_bytes": db_file.stat().st_size if db_file.exists() else None,
+        "failures": [{"path": path, "reason": reason} for path, reason in failed],
+    }

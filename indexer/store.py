@@ -1,0 +1,233 @@
+"""Database reads and writes for images and their embeddings, as plain functions on a Session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.orm import Session
+
+from indexer.errors import BackboneMismatch
+from indexer.models import BackboneRow, EmbeddingRow, ImageRow, Root, utcnow
+
+STATUS_INDEXED = "indexed"
+STATUS_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+
+
+@dataclass
+class NewImage:
+    """One row to write: an indexed image with its vector, or a failure with its reason."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: str | None = None
+    vector: np.ndarray | None = None
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def backbone_in_use(session: Session) -> BackboneRow | None:
+    return session.scalars(select(BackboneRow).order_by(BackboneRow.id)).first()
+
+
+def ensure_backbone(session: Session, name: str, dim: int) -> BackboneRow:
+    """The home folder's one backbone; refuse to mix a second one into the same index."""
+    row = backbone_in_use(session)
+    if row is None:
+        row = BackboneRow(name=name, dim=dim)
+        session.add(row)
+        session.flush()
+        return row
+    if row.name != name:
+        raise BackboneMismatch(
+            f"this index was built with backbone {row.name!r}; it cannot mix in {name!r}. "
+            f"Use another --home for {name!r}, or keep LOOKALIKE_BACKBONE={row.name}."
+        )
+    return row
+
+
+def add_roots(session: Session, paths: Iterable[str]) -> None:
+    known = set(session.scalars(select(Root.path)))
+    for path in paths:
+        if path not in known:
+            session.add(Root(path=path))
+
+
+def files_under(session: Session, root: str) -> dict[str, KnownFile]:
+    """Every image row whose path lies inside `root`."""
+    prefix = root.rstrip("/") + "/"
+    # LIKE treats _ and % as wildcards, so filter the prefix exactly in Python as well.
+    pattern = _escape_like(prefix) + "%"
+    rows = session.execute(
+        select(
+            ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status
+        ).where(or_(ImageRow.path.like(pattern, escape="\\"), ImageRow.path == root))
+    )
+    return {
+        path: KnownFile(id_, size, mtime, digest, status)
+        for path, id_, size, mtime, digest, status in rows
+        if path.startswith(prefix) or path == root
+    }
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@dataclass(frozen=True)
+class StoredTwin:
+    vector: np.ndarray
+    width: int | None
+    height: int | None
+    format: str | None
+
+
+def vectors_by_hash(session: Session, hashes: Iterable[str], backbone_id: int) -> dict[str, StoredTwin]:
+    """Stored vectors of already-indexed files with these content hashes (so duplicates skip the model)."""
+    wanted = list(set(hashes))
+    found: dict[str, StoredTwin] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        rows = session.execute(
+            select(ImageRow.content_hash, EmbeddingRow.vector, ImageRow.width, ImageRow.height, ImageRow.format)
+            .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+            .where(ImageRow.content_hash.in_(chunk), EmbeddingRow.backbone_id == backbone_id)
+        )
+        for digest, blob, width, height, fmt in rows:
+            found.setdefault(digest, StoredTwin(vector_from_bytes(blob), width, height, fmt))
+    return found
+
+
+def indexed_hashes(session: Session, backbone_id: int) -> set[str]:
+    rows = session.scalars(
+        select(ImageRow.content_hash)
+        .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
+        .where(EmbeddingRow.backbone_id == backbone_id)
+    )
+    return set(rows)
+
+
+def write_images(session: Session, items: list[NewImage], backbone_id: int, replace_ids: Iterable[int]) -> list[int]:
+    """Replace `replace_ids` by `items` in the caller's transaction; return the new ids (same order).
+
+    A changed file gets a new row and id, so the FAISS index can never keep a stale vector
+    under a live id: stale ids simply no longer exist in the database.
+    """
+    delete_images(session, replace_ids)
+    now = utcnow()
+    rows = [
+        ImageRow(
+            path=item.path,
+            size=item.size,
+            mtime_ns=item.mtime_ns,
+            content_hash=item.content_hash,
+            width=item.width,
+            height=item.height,
+            format=item.format,
+            status=STATUS_FAILED if item.error else STATUS_INDEXED,
+            error=item.error,
+            indexed_at=now,
+        )
+        for item in items
+    ]
+    session.add_all(rows)
+    session.flush()
+    session.add_all(
+        EmbeddingRow(image_id=row.id, backbone_id=backbone_id, vector=vector_to_bytes(item.vector))
+        for row, item in zip(rows, items)
+        if item.vector is not None
+    )
+    return [row.id for row in rows]
+
+
+def touch_images(session: Session, updates: dict[int, tuple[int, int]]) -> None:
+    """Record a new size/mtime for files whose content hash did not change."""
+    for image_id, (size, mtime_ns) in updates.items():
+        row = session.get(ImageRow, image_id)
+        if row is not None:
+            row.size, row.mtime_ns = size, mtime_ns
+
+
+def delete_images(session: Session, ids: Iterable[int]) -> None:
+    ids = list(ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        session.execute(delete(EmbeddingRow).where(EmbeddingRow.image_id.in_(chunk)))
+        session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+
+
+def embedded_ids(session: Session, backbone_id: int) -> np.ndarray:
+    ids = session.scalars(select(EmbeddingRow.image_id).where(EmbeddingRow.backbone_id == backbone_id))
+    return np.fromiter(ids, dtype=np.int64)
+
+
+def iter_vectors(
+    session: Session, backbone_id: int, ids: Iterable[int] | None = None, chunk: int = 2000
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stored (ids, vectors) in chunks, optionally only for `ids`; memory stays bounded."""
+    query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(EmbeddingRow.backbone_id == backbone_id)
+    id_list = None if ids is None else sorted(int(i) for i in ids)
+    batches = (
+        [query.order_by(EmbeddingRow.image_id)]
+        if id_list is None
+        else [query.where(EmbeddingRow.image_id.in_(id_list[s : s + 500])) for s in range(0, len(id_list), 500)]
+    )
+    for q in batches:
+        result = session.execute(q.execution_options(yield_per=chunk))
+        for part in result.partitions(chunk):
+            yield (
+                np.array([r[0] for r in part], dtype=np.int64),
+                np.stack([vector_from_bytes(r[1]) for r in part]),
+            )
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status))
+    return {status: count for status, count in rows}
+
+
+def failures(session: Session, limit: int = 1000) -> list[tuple[str, str]]:
+    rows = session.execute(
+        select(ImageRow.path, ImageRow.error)
+        .where(ImageRow.status == STATUS_FAILED)
+        .order_by(ImageRow.path)
+        .limit(limit)
+    )
+    return [(path, error or "") for path, error in rows]
+
+
+def get_image(session: Session, image_id: int) -> ImageRow | None:
+    return session.get(ImageRow, image_id)
+
+
+def image_id_for_path(session: Session, path: str) -> int | None:
+    return session.scalar(select(ImageRow.id).where(ImageRow.path == path))
+
+
+def images_by_ids(session: Session, ids: Iterable[int]) -> dict[int, ImageRow]:
+    ids = list(ids)
+    if not ids:
+        return {}
+    return {row.id: row for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}

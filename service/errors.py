@@ -1,0 +1,25 @@
+"""One status code and one stable message per error type."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from indexer.errors import BackboneMismatch, ImageRejected, IndexBusy, LookalikeError, NotIndexed, UnsupportedImage
+
+_STATUS = [
+    (UnsupportedImage, 415),
+    (ImageRejected, 422),
+    (NotIndexed, 404),
+    (IndexBusy, 409),
+    (BackboneMismatch, 409),
+    (LookalikeError, 400),
+]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_: Request, exc: LookalikeError) -> JSONResponse:
+        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    app.add_exception_handler(LookalikeError, handle)
