@@ -52,7 +52,7 @@ class Library:
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.home / "models"
+        return self.settings.model_cache or self.home / "models"
 
     def close(self) -> None:
         self.engine.dispose()

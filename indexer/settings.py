@@ -18,6 +18,7 @@ class Settings(BaseSettings):
         default=None, description="Embedding backbone; default: the index's own, or efficientnet-lite0 for a new one"
     )
     runtime: str = Field(default="onnx", description="Inference runtime: onnx or torch")
+    model_cache: Path | None = Field(default=None, description="Exported ONNX models; default: HOME/models")
     clip_weights: Path | None = Field(default=None, description="Local open_clip weights file for clip:* backbones")
     batch_size: int = Field(default=32, ge=1, le=1024)
     decode_workers: int = Field(default=0, ge=0, description="Decoder processes; 0 = one per CPU core")
