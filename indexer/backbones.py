@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,7 +232,10 @@ def export_onnx(name: str, weights: Path, model_path: Path) -> dict:
     dummy = torch.zeros((2, preprocess.input_size, preprocess.input_size, 3), dtype=torch.uint8)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_suffix(f".tmp{os.getpid()}")
-    with torch.inference_mode():
+    # The TorchScript exporter handles timm's TF-"same" padding and open_clip models without
+    # extra dependencies; its deprecation notice is not actionable for users.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             encoder,
             (dummy,),

@@ -25,8 +25,8 @@ try:  # HEIC/HEIF photos from phones
 except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
     _HEIF = ()
 
-# MPO is the multi-picture JPEG many cameras write; it decodes like a JPEG.
-SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", *_HEIF)
+# Pillow's JPEG opener also yields MPO (the multi-picture JPEG many cameras write).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", *_HEIF)
 IMAGE_SUFFIXES = frozenset(".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif".split())
 
 # We enforce the pixel limit ourselves (see _check_size), so Pillow's warning is noise.
@@ -70,7 +70,7 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
         if "truncated" in reason or "broken data stream" in reason or "premature end" in reason.lower():
             raise ImageRejected(f"truncated or corrupt image ({reason})") from None
         raise ImageRejected(f"cannot decode image ({reason})") from None
-    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - hostile files raise anything; none may crash a run
         raise ImageRejected(f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if rotated:
         width, height = height, width
