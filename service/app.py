@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI
 
 from indexer import __version__
@@ -18,6 +19,12 @@ from service.routes import images, search, system
 log = logging.getLogger("lookalike")
 
 
+def warm_up(backbone) -> None:
+    """One throwaway inference so the first real query does not pay ONNX Runtime's lazy set-up."""
+    size = backbone.preprocess.input_size
+    backbone.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
+
+
 def create_app(settings: Settings | None = None, *, notify: Callable[[str], None] | None = None) -> FastAPI:
     settings = settings or get_settings()
     notify = notify or log.warning
@@ -27,7 +34,7 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
         library = Library(settings, notify=notify)
         # Load the model and the verified index once, before the first request.
         library.index()
-        library.backbone()
+        warm_up(library.backbone())
         app.state.library = library
         try:
             yield
