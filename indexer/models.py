@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -65,5 +65,41 @@ class EmbeddingRow(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"), index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, unit length
+    # Length of the backbone's features before normalisation: lets the built-in ImageNet
+    # classifier (which acts on raw features) run on the stored unit vectors exactly.
+    norm: Mapped[float | None] = mapped_column(Float)
 
     image: Mapped[ImageRow] = relationship(back_populates="embedding")
+
+
+class HeadRow(Base):
+    """A linear classification head trained on one backbone's embeddings."""
+
+    __tablename__ = "heads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # binary | multiclass | multilabel
+    backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"))
+    labels: Mapped[list] = mapped_column(JSON)  # binary: [negative, positive]
+    weights: Mapped[bytes] = mapped_column(LargeBinary)  # .npz with weight (outputs x dim) and bias
+    thresholds: Mapped[list] = mapped_column(JSON, default=list)
+    min_confidence: Mapped[float] = mapped_column(Float, default=0.0)
+    score_floor: Mapped[float] = mapped_column(Float, default=0.5)
+    scale_by_norm: Mapped[bool] = mapped_column(Boolean, default=False)  # built-in ImageNet head
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    report_dir: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TagRow(Base):
+    """One predicted label of one image by one head, with its score."""
+
+    __tablename__ = "tags"
+    __table_args__ = (Index("ix_tags_head_label", "head_id", "label"), Index("ix_tags_label", "label"))
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    head_id: Mapped[int] = mapped_column(ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(200), primary_key=True)
+    score: Mapped[float] = mapped_column(Float)

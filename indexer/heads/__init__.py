@@ -1,0 +1,1 @@
+"""Linear classification heads on frozen embeddings: labels, training, evaluation, tagging."""

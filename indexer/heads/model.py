@@ -1,0 +1,70 @@
+"""A trained linear head, applied with NumPy (no torch needed to tag images)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BINARY, MULTICLASS, MULTILABEL = "binary", "multiclass", "multilabel"
+HEAD_TYPES = (BINARY, MULTICLASS, MULTILABEL)
+
+
+@dataclass
+class Head:
+    """Weights act on the stored unit-length embeddings: scores = activation(x @ weight.T + bias).
+
+    binary: one logit, sigmoid = probability of `labels[1]` (the positive class);
+    multiclass: one logit per label, softmax; multilabel: one logit per label, sigmoid.
+    """
+
+    name: str
+    kind: str
+    labels: list[str]
+    weight: np.ndarray  # (outputs, dim) float32
+    bias: np.ndarray  # (outputs,) float32
+    thresholds: list[float] = field(default_factory=list)  # binary: [t]; multilabel: one per label
+    min_confidence: float = 0.0  # multiclass: below this the top label is not tagged
+    score_floor: float = 0.5  # multiclass: other labels at or above this are tagged too
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """(n, outputs): sigmoid for binary/multilabel, softmax for multiclass."""
+        logits = np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
+        if self.kind == MULTICLASS:
+            logits = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(logits)
+            return exp / exp.sum(axis=1, keepdims=True)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def predict_tags(self, x: np.ndarray) -> list[list[tuple[str, float]]]:
+        """The (label, score) tags of each row, following the head's decision rule."""
+        probs = self.probabilities(x)
+        if self.kind == BINARY:
+            negative, positive = self.labels
+            threshold = self.thresholds[0] if self.thresholds else 0.5
+            return [[(positive, float(p))] if p >= threshold else [(negative, float(1.0 - p))] for p in probs[:, 0]]
+        if self.kind == MULTILABEL:
+            thresholds = np.asarray(self.thresholds or [0.5] * len(self.labels))
+            return [[(self.labels[j], float(row[j])) for j in np.flatnonzero(row >= thresholds)] for row in probs]
+        tags = []
+        for row in probs:
+            top = int(row.argmax())
+            chosen = [(self.labels[top], float(row[top]))] if row[top] >= self.min_confidence else []
+            chosen += [(self.labels[j], float(row[j])) for j in np.flatnonzero(row >= self.score_floor) if j != top]
+            tags.append(chosen)
+        return tags
+
+    def weights_blob(self) -> bytes:
+        out = io.BytesIO()
+        np.savez(out, weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32))
+        return out.getvalue()
+
+    @staticmethod
+    def arrays_from_blob(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(io.BytesIO(blob)) as data:
+            return data["weight"], data["bias"]
