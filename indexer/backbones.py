@@ -27,7 +27,7 @@ from indexer import __version__
 from indexer.errors import LookalikeError, UnknownBackbone
 
 # Bump when the exported graph changes, so stale cached ONNX files are not reused.
-_EXPORT_VERSION = 1
+_EXPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,35 @@ class Backbone(ABC):
     dim: int
     preprocess: Preprocess
 
+    classifier: Classifier | None = None  # the backbone's own ImageNet classifier, if it has one
+
     @abstractmethod
+    def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> unit-length float32 vectors (N, dim) and their pre-normalisation lengths (N,)."""
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 array (N, H, W, 3) -> float32 array (N, dim), each row of unit length."""
+        return self.embed_with_norms(pixels)[0]
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A linear classifier on raw features: logits = (unit vector * norm) @ weight.T + bias."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    labels: list[str]
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, weight=self.weight, bias=self.bias, labels=np.array(self.labels))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Classifier:
+        with np.load(path) as data:
+            return cls(data["weight"], data["bias"], [str(x) for x in data["labels"]])
 
 
 @dataclass(frozen=True)
@@ -122,10 +148,11 @@ def _build_torch_encoder(name: str, weights: Path):
             self.register_buffer("mean", mean)
             self.register_buffer("std", std)
 
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = pixels.permute(0, 3, 1, 2).float()
             x = (x - self.mean) / self.std
-            return F.normalize(self.features(x), dim=-1)
+            features = self.features(x)
+            return F.normalize(features, dim=-1), features.norm(dim=-1)
 
     if name in _TIMM_BACKBONES:
         import timm
@@ -150,6 +177,12 @@ def _build_torch_encoder(name: str, weights: Path):
             std=tuple(float(v) for v in cfg["std"]),
         )
         features, dim = TimmFeatures(model), model.num_features
+        head = model.get_classifier()
+        classifier = Classifier(
+            head.weight.detach().numpy().astype(np.float32),
+            head.bias.detach().numpy().astype(np.float32),
+            imagenet_labels(),
+        )
     else:
         import open_clip
 
@@ -166,8 +199,27 @@ def _build_torch_encoder(name: str, weights: Path):
             std=tuple(float(v) for v in getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
         )
         features, dim = visual, int(visual.output_dim)
+        classifier = None
     encoder = Encoder(features, preprocess).eval()
-    return encoder, preprocess, dim
+    return encoder, preprocess, dim, classifier
+
+
+def imagenet_labels() -> list[str]:
+    """Short, unique, human-readable ImageNet-1k class names ("tabby", "golden retriever")."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names = [info.index_to_description(i).split(",")[0].strip().lower() for i in range(1000)]
+    # A few names repeat (two "crane"s, two "cardigan"s): name those by their next synonym,
+    # and fall back to the WordNet id where that still clashes.
+    repeated = {n for n in names if names.count(n) > 1}
+    for i, name in enumerate(names):
+        synonyms = [s.strip().lower() for s in info.index_to_description(i).split(",")[1:]]
+        if name in repeated and synonyms:
+            names[i] = synonyms[0] if synonyms[0] not in names else f"{name} ({synonyms[0]})"
+    repeated = {n for n in names if names.count(n) > 1}
+    names = [f"{n} ({info.index_to_label_name(i)})" if n in repeated else n for i, n in enumerate(names)]
+    return names
 
 
 def _load_by_position(model, state: dict) -> None:
@@ -191,16 +243,16 @@ class TorchBackbone(Backbone):
             torch.set_num_threads(threads)
         self._torch = torch
         self.name = name
-        self._encoder, self.preprocess, self.dim = _build_torch_encoder(name, weights)
+        self._encoder, self.preprocess, self.dim, self.classifier = _build_torch_encoder(name, weights)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._torch.inference_mode():
-            out = self._encoder(self._torch.from_numpy(np.ascontiguousarray(pixels)))
-        return out.numpy().astype(np.float32, copy=False)
+            vectors, norms = self._encoder(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+        return vectors.numpy().astype(np.float32, copy=False), norms.numpy().astype(np.float32, copy=False)
 
 
 class OnnxBackbone(Backbone):
-    def __init__(self, name: str, model_path: Path, meta: dict, threads: int):
+    def __init__(self, name: str, model_path: Path, meta: dict, threads: int, classifier: Classifier | None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -210,6 +262,7 @@ class OnnxBackbone(Backbone):
         self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.name = name
         self.dim = int(meta["dim"])
+        self.classifier = classifier
         pre = meta["preprocess"]
         self.preprocess = Preprocess(
             input_size=pre["input_size"],
@@ -219,16 +272,16 @@ class OnnxBackbone(Backbone):
             std=tuple(pre["std"]),
         )
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        (out,) = self._session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
-        return out.astype(np.float32, copy=False)
+    def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        vectors, norms = self._session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return vectors.astype(np.float32, copy=False), norms.astype(np.float32, copy=False)
 
 
 def export_onnx(name: str, weights: Path, model_path: Path) -> dict:
     """Export the PyTorch encoder to `model_path` (atomically) and return its metadata."""
     import torch
 
-    encoder, preprocess, dim = _build_torch_encoder(name, weights)
+    encoder, preprocess, dim, classifier = _build_torch_encoder(name, weights)
     dummy = torch.zeros((2, preprocess.input_size, preprocess.input_size, 3), dtype=torch.uint8)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = model_path.with_suffix(f".tmp{os.getpid()}")
@@ -241,13 +294,15 @@ def export_onnx(name: str, weights: Path, model_path: Path) -> dict:
             (dummy,),
             str(tmp),
             input_names=["pixels"],
-            output_names=["embedding"],
-            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+            output_names=["embedding", "norm"],
+            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "norm": {0: "batch"}},
             opset_version=17,
             dynamo=False,
         )
     os.replace(tmp, model_path)
-    meta = {"backbone": name, "dim": dim, "preprocess": asdict(preprocess)}
+    if classifier is not None:
+        classifier.save(model_path.with_suffix(".classifier.npz"))
+    meta = {"backbone": name, "dim": dim, "preprocess": asdict(preprocess), "classifier": classifier is not None}
     meta_tmp = model_path.with_suffix(f".json.tmp{os.getpid()}")
     meta_tmp.write_text(json.dumps(meta, indent=2))
     os.replace(meta_tmp, model_path.with_suffix(".json"))
@@ -268,4 +323,5 @@ def load_backbone(name: str, *, runtime: str, cache_dir: Path, clip_weights: Pat
         meta = json.loads(meta_path.read_text())
     else:
         meta = export_onnx(name, weights, model_path)
-    return OnnxBackbone(name, model_path, meta, threads)
+    classifier = Classifier.load(model_path.with_suffix(".classifier.npz")) if meta.get("classifier") else None
+    return OnnxBackbone(name, model_path, meta, threads, classifier)

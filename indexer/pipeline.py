@@ -24,6 +24,8 @@ from indexer import store
 from indexer.backbones import Preprocess
 from indexer.decode import ImageInfo, decode_for_model
 from indexer.errors import ImageRejected, LookalikeError
+from indexer.heads.builtin import ensure_builtin_heads
+from indexer.heads.storage import load_heads, write_tags
 from indexer.library import Library
 from indexer.scan import FoundFile, ScanFailure, scan_folder
 from indexer.store import NewImage
@@ -160,6 +162,7 @@ def index_folders(library: Library, folders: Iterable[str], *, progress: Progres
         with library.sessions.begin() as session:
             backbone_id = store.ensure_backbone(session, backbone.name, backbone.dim).id
             store.add_roots(session, roots)
+            ensure_builtin_heads(session, backbone, backbone_id)
         index = library.index()
         plan = _plan(library, roots)
         report = IndexReport(unchanged=plan.unchanged, previously_failed=plan.previously_failed)
@@ -226,6 +229,8 @@ class _BatchWriter:
         self.backbone_id = backbone_id
         self.report = report
         self.batch_size = library.settings.batch_size
+        with library.sessions() as session:
+            self.heads = load_heads(session, backbone_id)  # every head tags every new image
         self.to_embed: list[_Decoded] = []
         self.ready: list[tuple[_Task, NewImage]] = []  # failures: rows needing no vector
         self.reuse: list[_Decoded] = []  # bytes already indexed or in this batch: no model call
@@ -260,13 +265,13 @@ class _BatchWriter:
     def flush(self) -> list[_Task]:
         """Embed, write one transaction, then update the in-memory index. Returns tasks to retry."""
         items = list(self.ready)
-        batch_vectors: dict[str, np.ndarray] = {}
+        batch_vectors: dict[str, tuple[np.ndarray, float]] = {}
         if self.to_embed:
-            vectors = self.backbone.embed(np.stack([d.pixels for d in self.to_embed]))
+            vectors, norms = self.backbone.embed_with_norms(np.stack([d.pixels for d in self.to_embed]))
             self.report.embedded += len(self.to_embed)
-            for decoded, vector in zip(self.to_embed, vectors):
-                items.append((decoded.task, _row(decoded, vector)))
-                batch_vectors[decoded.content_hash] = vector
+            for decoded, vector, norm in zip(self.to_embed, vectors, norms):
+                items.append((decoded.task, _row(decoded, vector, float(norm))))
+                batch_vectors[decoded.content_hash] = (vector, float(norm))
         reused, retries = self._resolve_reused(batch_vectors)
         items += reused
         if items or self.touched:
@@ -280,6 +285,15 @@ class _BatchWriter:
         with self.library.sessions.begin() as session:
             ids = store.write_images(session, rows, self.backbone_id, replaced)
             store.touch_images(session, self.touched)
+            tagged = [(image_id, row) for image_id, row in zip(ids, rows) if row.vector is not None]
+            if tagged and self.heads:  # tags land in the same transaction as their images
+                write_tags(
+                    session,
+                    self.heads,
+                    np.array([i for i, _ in tagged]),
+                    np.stack([r.vector for _, r in tagged]),
+                    np.array([np.nan if r.norm is None else r.norm for _, r in tagged], dtype=np.float32),
+                )
         # The database is committed; only now mirror it in memory.
         self.index.remove(replaced)
         indexed = [(image_id, row) for image_id, row in zip(ids, rows) if row.vector is not None]
@@ -308,18 +322,18 @@ class _BatchWriter:
             twin = stored.get(digest)
             if twin is not None:
                 decoded.info = ImageInfo(twin.width, twin.height, twin.format)
-                vector = twin.vector
+                vector, norm = twin.vector, twin.norm
             elif digest in batch_vectors:
-                vector = batch_vectors[digest]
+                vector, norm = batch_vectors[digest]
                 decoded.info = next(d.info for d in self.to_embed if d.content_hash == digest)
             else:
                 retries.append(decoded.task)  # its twin was removed or changed in this very run
                 continue
-            items.append((decoded.task, _row(decoded, vector)))
+            items.append((decoded.task, _row(decoded, vector, norm)))
         return items, retries
 
 
-def _row(decoded: _Decoded, vector: np.ndarray | None) -> NewImage:
+def _row(decoded: _Decoded, vector: np.ndarray | None, norm: float | None = None) -> NewImage:
     task, info = decoded.task, decoded.info
     return NewImage(
         task.path,
@@ -330,4 +344,5 @@ def _row(decoded: _Decoded, vector: np.ndarray | None) -> NewImage:
         height=info.height if info else None,
         format=info.format if info else None,
         vector=vector,
+        norm=norm,
     )

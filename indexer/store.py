@@ -38,6 +38,7 @@ class NewImage:
     format: str | None = None
     error: str | None = None
     vector: np.ndarray | None = None
+    norm: float | None = None  # the features' length before normalisation
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -99,6 +100,7 @@ def _escape_like(text: str) -> str:
 @dataclass(frozen=True)
 class StoredTwin:
     vector: np.ndarray
+    norm: float | None
     width: int | None
     height: int | None
     format: str | None
@@ -111,12 +113,19 @@ def vectors_by_hash(session: Session, hashes: Iterable[str], backbone_id: int) -
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         rows = session.execute(
-            select(ImageRow.content_hash, EmbeddingRow.vector, ImageRow.width, ImageRow.height, ImageRow.format)
+            select(
+                ImageRow.content_hash,
+                EmbeddingRow.vector,
+                EmbeddingRow.norm,
+                ImageRow.width,
+                ImageRow.height,
+                ImageRow.format,
+            )
             .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
             .where(ImageRow.content_hash.in_(chunk), EmbeddingRow.backbone_id == backbone_id)
         )
-        for digest, blob, width, height, fmt in rows:
-            found.setdefault(digest, StoredTwin(vector_from_bytes(blob), width, height, fmt))
+        for digest, blob, norm, width, height, fmt in rows:
+            found.setdefault(digest, StoredTwin(vector_from_bytes(blob), norm, width, height, fmt))
     return found
 
 
@@ -155,7 +164,12 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
     session.add_all(rows)
     session.flush()
     session.add_all(
-        EmbeddingRow(image_id=row.id, backbone_id=backbone_id, vector=vector_to_bytes(item.vector))
+        EmbeddingRow(
+            image_id=row.id,
+            backbone_id=backbone_id,
+            vector=vector_to_bytes(item.vector),
+            norm=None if item.norm is None else float(item.norm),
+        )
         for row, item in zip(rows, items)
         if item.vector is not None
     )
@@ -184,10 +198,12 @@ def embedded_ids(session: Session, backbone_id: int) -> np.ndarray:
 
 
 def iter_vectors(
-    session: Session, backbone_id: int, ids: Iterable[int] | None = None, chunk: int = 2000
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stored (ids, vectors) in chunks, optionally only for `ids`; memory stays bounded."""
-    query = select(EmbeddingRow.image_id, EmbeddingRow.vector).where(EmbeddingRow.backbone_id == backbone_id)
+    session: Session, backbone_id: int, ids: Iterable[int] | None = None, chunk: int = 2000, *, norms: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stored (ids, vectors[, norms]) in chunks, optionally only for `ids`; memory stays bounded."""
+    query = select(EmbeddingRow.image_id, EmbeddingRow.vector, EmbeddingRow.norm).where(
+        EmbeddingRow.backbone_id == backbone_id
+    )
     id_list = None if ids is None else sorted(int(i) for i in ids)
     batches = (
         [query.order_by(EmbeddingRow.image_id)]
@@ -197,10 +213,12 @@ def iter_vectors(
     for q in batches:
         result = session.execute(q.execution_options(yield_per=chunk))
         for part in result.partitions(chunk):
-            yield (
-                np.array([r[0] for r in part], dtype=np.int64),
-                np.stack([vector_from_bytes(r[1]) for r in part]),
-            )
+            ids_out = np.array([r[0] for r in part], dtype=np.int64)
+            vectors = np.stack([vector_from_bytes(r[1]) for r in part])
+            if norms:
+                yield ids_out, vectors, np.array([np.nan if r[2] is None else r[2] for r in part], dtype=np.float32)
+            else:
+                yield ids_out, vectors
 
 
 def status_counts(session: Session) -> dict[str, int]:

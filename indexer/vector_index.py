@@ -26,6 +26,17 @@ INDEX_TYPE = "IDMap2,Flat"
 METRIC = "inner_product"
 
 
+# At or above this fraction of images passing a filter, post-filtering an over-fetched exact
+# ranking is cheaper than restricting the search to the allowed ids.
+OVERFETCH_MIN_SELECTIVITY = 0.2
+
+
+def _members(ids: np.ndarray, allowed_sorted: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(allowed_sorted, ids)
+    pos[pos >= len(allowed_sorted)] = 0
+    return (allowed_sorted[pos] == ids) & (ids != -1)
+
+
 class IndexCorrupt(Exception):
     """The bundle on disk is missing, damaged or disagrees with its manifest."""
 
@@ -68,6 +79,29 @@ class VectorIndex:
             [Hit(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1]
             for row_ids, row_scores in zip(ids, scores)
         ]
+
+    def search_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[list[Hit], str]:
+        """Exact top-k among `allowed` ids (sorted); also names the strategy used.
+
+        A filter that keeps most images over-fetches the exact unfiltered ranking and drops
+        what fails, fetching more until k pass; one that keeps few searches only those ids
+        (FAISS IDSelector), so no selectivity returns fewer than k when k match.
+        """
+        n, m = len(self), len(allowed)
+        if n == 0 or m == 0 or k <= 0:
+            return [], "empty"
+        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        if m / n >= OVERFETCH_MIN_SELECTIVITY:
+            fetch = min(n, int(np.ceil(k * n / m * 1.5)) + 16)
+            while True:
+                scores, ids = self._index.search(query, fetch)
+                keep = _members(ids[0], allowed)
+                if keep.sum() >= k or fetch >= n:
+                    return [Hit(int(i), float(s)) for i, s in zip(ids[0][keep][:k], scores[0][keep][:k])], "overfetch"
+                fetch = min(n, fetch * 2)
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        scores, ids = self._index.search(query, min(k, m), params=params)
+        return [Hit(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1], "subset"
 
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id`, or None when the index does not hold it."""

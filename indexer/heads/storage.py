@@ -1,0 +1,167 @@
+"""Heads and tags in the database: save, load, list, delete; write an image's tags."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from indexer.errors import BackboneMismatch, LookalikeError
+from indexer.heads.model import Head
+from indexer.models import BackboneRow, HeadRow, TagRow
+
+
+class UnknownHead(LookalikeError):
+    """No head with that name."""
+
+
+@dataclass
+class StoredHead:
+    id: int
+    head: Head
+    scale_by_norm: bool  # the built-in ImageNet head acts on raw (unnormalised) features
+    builtin: bool
+
+
+def save_head(
+    session: Session,
+    head: Head,
+    backbone_id: int,
+    *,
+    metrics: dict,
+    report_dir: str | None = None,
+    builtin: bool = False,
+    scale_by_norm: bool = False,
+) -> int:
+    """Insert or replace the head called `head.name`; its old tags go with it."""
+    old = session.scalar(select(HeadRow).where(HeadRow.name == head.name))
+    if old is not None:
+        session.delete(old)
+        session.flush()
+    row = HeadRow(
+        name=head.name,
+        kind=head.kind,
+        backbone_id=backbone_id,
+        labels=list(head.labels),
+        weights=head.weights_blob(),
+        thresholds=[float(t) for t in head.thresholds],
+        min_confidence=float(head.min_confidence),
+        score_floor=float(head.score_floor),
+        scale_by_norm=scale_by_norm,
+        builtin=builtin,
+        metrics=metrics,
+        report_dir=report_dir,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def _to_stored(row: HeadRow) -> StoredHead:
+    weight, bias = Head.arrays_from_blob(row.weights)
+    head = Head(
+        row.name,
+        row.kind,
+        list(row.labels),
+        weight,
+        bias,
+        thresholds=list(row.thresholds or []),
+        min_confidence=row.min_confidence,
+        score_floor=row.score_floor,
+    )
+    return StoredHead(row.id, head, row.scale_by_norm, row.builtin)
+
+
+def load_heads(session: Session, backbone_id: int, names: Iterable[str] | None = None) -> list[StoredHead]:
+    query = select(HeadRow).order_by(HeadRow.name)
+    wanted = list(names) if names is not None else None
+    if wanted is not None:
+        query = query.where(HeadRow.name.in_(wanted))
+    rows = list(session.scalars(query))
+    if wanted is not None:
+        missing = set(wanted) - {r.name for r in rows}
+        if missing:
+            raise UnknownHead(f"no head named {', '.join(sorted(missing))}")
+    for row in rows:
+        _check_backbone(session, row, backbone_id)
+    return [_to_stored(row) for row in rows]
+
+
+def _check_backbone(session: Session, row: HeadRow, backbone_id: int) -> None:
+    if row.backbone_id != backbone_id:
+        trained = session.get(BackboneRow, row.backbone_id)
+        current = session.get(BackboneRow, backbone_id)
+        raise BackboneMismatch(
+            f"head {row.name!r} was trained on backbone {trained.name if trained else row.backbone_id!r}; "
+            f"this index uses {current.name if current else backbone_id!r}. Retrain it here."
+        )
+
+
+def head_row(session: Session, name: str) -> HeadRow:
+    row = session.scalar(select(HeadRow).where(HeadRow.name == name))
+    if row is None:
+        raise UnknownHead(f"no head named {name!r}")
+    return row
+
+
+def list_heads(session: Session) -> list[HeadRow]:
+    return list(session.scalars(select(HeadRow).order_by(HeadRow.name)))
+
+
+def delete_head(session: Session, name: str) -> None:
+    row = head_row(session, name)
+    session.execute(delete(TagRow).where(TagRow.head_id == row.id))
+    session.delete(row)
+
+
+def tag_counts(session: Session, head_id: int) -> dict[str, int]:
+    rows = session.execute(select(TagRow.label, func.count()).where(TagRow.head_id == head_id).group_by(TagRow.label))
+    return dict(rows.all())
+
+
+def predict(stored: StoredHead, vectors: np.ndarray, norms: np.ndarray | None) -> list[list[tuple[str, float]]]:
+    x = vectors
+    if stored.scale_by_norm:
+        if norms is None or np.any(~np.isfinite(norms)):
+            raise LookalikeError(f"head {stored.head.name!r} needs feature norms, which these vectors lack")
+        x = vectors * norms[:, None]
+    return stored.head.predict_tags(x)
+
+
+def write_tags(
+    session: Session, heads: list[StoredHead], ids: np.ndarray, vectors: np.ndarray, norms: np.ndarray | None
+) -> int:
+    """Replace the tags of images `ids` by every head in `heads`; returns the rows written."""
+    if not len(ids) or not heads:
+        return 0
+    id_list = [int(i) for i in ids]
+    head_ids = [h.id for h in heads]
+    for start in range(0, len(id_list), 500):
+        chunk = id_list[start : start + 500]
+        session.execute(delete(TagRow).where(TagRow.image_id.in_(chunk), TagRow.head_id.in_(head_ids)))
+    rows = []
+    for stored in heads:
+        for image_id, tags in zip(id_list, predict(stored, vectors, norms)):
+            rows.extend({"image_id": image_id, "head_id": stored.id, "label": lbl, "score": s} for lbl, s in tags)
+    if rows:
+        session.execute(TagRow.__table__.insert(), rows)
+    return len(rows)
+
+
+def tags_of(session: Session, image_ids: list[int]) -> dict[int, list[dict]]:
+    """Each image's tags as {head, label, score}, strongest first within a head."""
+    out: dict[int, list[dict]] = {int(i): [] for i in image_ids}
+    if not image_ids:
+        return out
+    rows = session.execute(
+        select(TagRow.image_id, HeadRow.name, TagRow.label, TagRow.score)
+        .join(HeadRow, HeadRow.id == TagRow.head_id)
+        .where(TagRow.image_id.in_(list(out)))
+        .order_by(TagRow.image_id, HeadRow.name, TagRow.score.desc())
+    )
+    for image_id, head, label, score in rows:
+        out[image_id].append({"head": head, "label": label, "score": float(score)})
+    return out
