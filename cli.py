@@ -18,6 +18,8 @@ from indexer.settings import Settings
 app = typer.Typer(help="lookalike: self-hosted visual similarity search.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+heads_app = typer.Typer(help="Classification heads trained on the stored embeddings.", no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -81,10 +83,10 @@ def index(
 class _progress_bar:
     """A rich progress bar with images/s on stderr, or nothing when quiet or not a terminal."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, what: str = "indexing"):
         self.enabled = not quiet
         self.progress = Progress(
-            TextColumn("indexing"),
+            TextColumn(what),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
@@ -120,17 +122,23 @@ def search(
     query: Annotated[str, typer.Argument(help="An image file, or the id of an indexed image")],
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=10000, help="Number of results")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Must have this tag (head:label or label)")] = None,
+    any_tag: Annotated[list[str] | None, typer.Option("--any-tag", help="Must have at least one of these")] = None,
+    not_tag: Annotated[list[str] | None, typer.Option("--not-tag", help="Must not have this tag")] = None,
+    min_score: Annotated[float, typer.Option("--min-score", help="A tag counts from this score on")] = 0.0,
     home: HomeOption = None,
 ) -> None:
-    """Find the images most similar to QUERY."""
+    """Find the images most similar to QUERY, optionally only those with (or without) some tags."""
+    from indexer.filters import TagFilter
     from indexer.search import search_image, search_similar
 
+    tag_filter = TagFilter(tuple(tag or ()), tuple(any_tag or ()), tuple(not_tag or ()), min_score)
     try:
         library = _open(_settings(home))
         if Path(query).is_file():
-            response = search_image(library, Path(query).read_bytes(), k)
+            response = search_image(library, Path(query).read_bytes(), k, tag_filter)
         elif query.isdigit():
-            response = search_similar(library, int(query), k)
+            response = search_similar(library, int(query), k, tag_filter)
         else:
             _fail(f"{query} is neither an image file nor an image id")
     except LookalikeError as exc:
@@ -139,7 +147,8 @@ def search(
         out.print(json.dumps(response.to_json(), indent=2), markup=False)
         return
     for rank, result in enumerate(response.results, 1):
-        out.print(f"{rank:>3}  {result.score:.4f}  {result.path}", markup=False)
+        tags = ", ".join(f"{t['head']}:{t['label']}" for t in result.tags)
+        out.print(f"{rank:>3}  {result.score:.4f}  {result.path}" + (f"  [{tags}]" if tags else ""), markup=False)
     err.print(f"{len(response.results)} results in {response.took_ms:.1f} ms")
 
 
@@ -212,6 +221,153 @@ def serve(
         _fail(str(exc))
     err.print(f"lookalike is serving {settings.resolved_home} at http://{host}:{port}/  (API docs: /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def tag(
+    head: Annotated[list[str] | None, typer.Option("--head", help="Only this head (repeatable)")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Re-tag every indexed image with every head (or the named ones)."""
+    from indexer.heads.workflow import tag_all
+
+    try:
+        with _progress_bar(False, "tagging") as on_progress:
+            written = tag_all(_open(_settings(home)), head or None, progress=on_progress)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    err.print(f"wrote {written} tags")
+
+
+@heads_app.command("train")
+def heads_train(
+    name: Annotated[str, typer.Argument(help="Name of the head (also its tag prefix)")],
+    kind: Annotated[str, typer.Option("--type", help="binary, multiclass or multilabel")],
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV with header path,labels")] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="Base for relative paths in --labels")] = None,
+    from_folders: Annotated[Path | None, typer.Option("--from-folders", help="Sub-folder name = class")] = None,
+    negatives: Annotated[Path | None, typer.Option("--negatives", help="Binary: folder of negatives")] = None,
+    positive: Annotated[str | None, typer.Option("--positive", help="Binary: the positive class")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation split")] = 0.2,
+    folds: Annotated[int, typer.Option(help="k-fold cross-validation (0 = one split)")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    min_precision: Annotated[float | None, typer.Option(help="Thresholds reach this precision")] = None,
+    min_confidence: Annotated[float, typer.Option(help="Multi-class: tag the top label only from here")] = 0.0,
+    min_examples: Annotated[int, typer.Option(help="Labels with fewer examples are dropped")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Train a linear head on the stored embeddings and tag every indexed image with it."""
+    from indexer.heads import labels as label_io
+    from indexer.heads.model import HEAD_TYPES
+    from indexer.heads.training import TrainOptions
+    from indexer.heads.workflow import train
+
+    if kind not in HEAD_TYPES:
+        _fail(f"--type must be one of {', '.join(HEAD_TYPES)}, not {kind!r}")
+    if (labels is None) == (from_folders is None):
+        _fail("give exactly one of --labels FILE.csv or --from-folders DIR")
+    warn = lambda m: err.print(f"[yellow]warning:[/] {m}")  # noqa: E731
+    try:
+        if labels is not None:
+            label_set = label_io.read_csv(labels, kind, root=root)
+        else:
+            label_set = label_io.read_folders(from_folders, kind, negatives=negatives)
+        label_set = label_io.finalise(label_set, positive=positive, min_examples=min_examples, warn=warn)
+        options = TrainOptions(
+            val_fraction=val_fraction,
+            folds=folds,
+            seed=seed,
+            min_precision=min_precision,
+            min_confidence=min_confidence,
+        )
+        result, report_dir = train(_open(_settings(home)), name, label_set, options, log=lambda m: err.print(m))
+    except LookalikeError as exc:
+        _fail(str(exc))
+    report = json.loads((report_dir / "report.json").read_text())
+    if as_json:
+        out.print(json.dumps(report, indent=2), markup=False)
+    else:
+        _print_metrics(report["metrics"])
+    err.print(f"report and plots in {report_dir}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if key in ("confusion_matrix", "ap"):
+            continue
+        out.print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}", markup=False)
+    if "ap" in metrics:
+        for label, ap in sorted(metrics["ap"].items(), key=lambda kv: -kv[1]):
+            out.print(f"  AP {label:<16} {ap:.4f}", markup=False)
+    if "confusion_matrix" in metrics:
+        out.print("confusion matrix (rows: true, columns: predicted)", markup=False)
+        for row in metrics["confusion_matrix"]:
+            out.print("  " + " ".join(f"{v:>5}" for v in row), markup=False)
+
+
+@heads_app.command("list")
+def heads_list(home: HomeOption = None) -> None:
+    """All heads with their type and number of labels."""
+    from indexer.heads.storage import list_heads
+
+    library = _open(_settings(home))
+    with library.sessions() as session:
+        for row in list_heads(session):
+            note = " (built in)" if row.builtin else ""
+            out.print(f"{row.name:<20} {row.kind:<11} {len(row.labels):>5} labels{note}", markup=False)
+
+
+@heads_app.command("show")
+def heads_show(name: str, home: HomeOption = None) -> None:
+    """A head's labels, thresholds and metrics (JSON)."""
+    from indexer.heads.workflow import head_report
+
+    try:
+        report = head_report(_open(_settings(home)), name)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    out.print(json.dumps(report, indent=2), markup=False)
+
+
+@heads_app.command("eval")
+def heads_eval(
+    name: str,
+    labels: Annotated[Path, typer.Option("--labels", help="CSV with header path,labels")],
+    root: Annotated[Path | None, typer.Option("--root", help="Base for relative paths")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Evaluate a stored head on a label file, with its stored thresholds."""
+    from indexer.heads import labels as label_io
+    from indexer.heads.storage import head_row
+    from indexer.heads.workflow import evaluate_head
+
+    try:
+        library = _open(_settings(home))
+        with library.sessions() as session:
+            kind = head_row(session, name).kind
+        metrics = evaluate_head(library, name, label_io.read_csv(labels, kind, root=root))
+    except LookalikeError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print(json.dumps(metrics, indent=2), markup=False)
+    else:
+        _print_metrics(metrics)
+
+
+@heads_app.command("delete")
+def heads_delete(name: str, home: HomeOption = None) -> None:
+    """Delete a head and its tags."""
+    from indexer.heads.storage import delete_head
+
+    try:
+        library = _open(_settings(home))
+        with library.sessions.begin() as session:
+            delete_head(session, name)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    err.print(f"deleted head {name!r} and its tags")
 
 
 @db_app.command("upgrade")

@@ -20,6 +20,7 @@ from indexer import store
 from indexer.backbones import Backbone, load_backbone
 from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
+from indexer.filters import TagIndex
 from indexer.settings import Settings
 from indexer.vector_index import IndexCorrupt, VectorIndex
 
@@ -44,6 +45,7 @@ class Library:
         self._backbone: Backbone | None = None
         self._backbone_lock = threading.Lock()
         self._index: VectorIndex | None = None
+        self._tags: TagIndex | None = None
         self._lock_held = False
 
     @property
@@ -133,6 +135,17 @@ class Library:
             for ids, vectors in store.iter_vectors(session, backbone_id, ids=missing if len(missing) else []):
                 index.add(ids, vectors)
         return bool(len(extra) or len(missing))
+
+    def tag_index(self) -> TagIndex:
+        """In-memory tag postings for filtered search (loaded once, dropped by invalidate_tags)."""
+        tags = self._tags
+        if tags is None:
+            with self.sessions() as session:
+                tags = self._tags = TagIndex.load(session)
+        return tags
+
+    def invalidate_tags(self) -> None:
+        self._tags = None
 
     def rebuild_index(self) -> VectorIndex:
         """Build a fresh index from every stored embedding and save it (lookalike reindex)."""

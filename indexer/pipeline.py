@@ -180,6 +180,7 @@ def index_folders(library: Library, folders: Iterable[str], *, progress: Progres
             report.removed = len(plan.removed_ids)
         if writer.dirty or plan.removed_ids or index.generation == 0:
             index.save(library.index_dir, backbone.name)
+        library.invalidate_tags()
     report.seconds = time.perf_counter() - started
     return report
 

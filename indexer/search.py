@@ -1,4 +1,7 @@
-"""Query the index by image bytes or by an indexed image's id; results speak database ids."""
+"""Query the index by image bytes or by an indexed image's id, optionally filtered by tags.
+
+Results speak database ids and carry each image's tags.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import numpy as np
 from indexer import store
 from indexer.decode import decode_for_model
 from indexer.errors import NotIndexed
+from indexer.filters import TagFilter
+from indexer.heads.storage import tags_of
 from indexer.library import Library
 
 
@@ -18,6 +23,7 @@ class SearchResult:
     id: int
     path: str
     score: float
+    tags: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -25,12 +31,14 @@ class SearchResponse:
     results: list[SearchResult]
     took_ms: float
     timings_ms: dict[str, float] = field(default_factory=dict)
+    strategy: str = "unfiltered"
 
     def to_json(self) -> dict:
         return {
-            "results": [{"id": r.id, "path": r.path, "score": r.score} for r in self.results],
+            "results": [{"id": r.id, "path": r.path, "score": r.score, "tags": r.tags} for r in self.results],
             "took_ms": round(self.took_ms, 3),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "strategy": self.strategy,
         }
 
 
@@ -45,30 +53,40 @@ def embed_image_bytes(library: Library, data: bytes) -> tuple[np.ndarray, dict[s
     return vector, {"decode_ms": (t1 - t0) * 1000, "embed_ms": (t2 - t1) * 1000}
 
 
-def search_image(library: Library, data: bytes, k: int) -> SearchResponse:
+def search_image(library: Library, data: bytes, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
     started = time.perf_counter()
     vector, timings = embed_image_bytes(library, data)
-    return _ranked(library, vector, k, started, timings)
+    return _ranked(library, vector, k, started, timings, tag_filter)
 
 
-def search_similar(library: Library, image_id: int, k: int) -> SearchResponse:
+def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
     """Nearest neighbours of an indexed image, the image itself left out."""
     started = time.perf_counter()
     index = library.index(repair_on_disk=False)
     vector = index.reconstruct(image_id)
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
-    return _ranked(library, vector, k, started, {}, exclude=image_id)
+    return _ranked(library, vector, k, started, {}, tag_filter, exclude=image_id)
 
 
-def _ranked(library, vector, k, started, timings, exclude: int | None = None) -> SearchResponse:
+def _ranked(library, vector, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
     t0 = time.perf_counter()
     index = library.index(repair_on_disk=False)
-    (hits,) = index.search(vector[None], k + (exclude is not None))
+    want = k + (exclude is not None)
+    if tag_filter is None or tag_filter.is_empty():
+        (hits,) = index.search(vector[None], want)
+        strategy = "unfiltered"
+    else:
+        allowed = library.tag_index().allowed(tag_filter, index.ids())
+        if exclude is not None:
+            allowed = allowed[allowed != exclude]
+            want = k
+        hits, strategy = index.search_filtered(vector, want, allowed)
     hits = [h for h in hits if h.id != exclude][:k]
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
     with library.sessions() as session:
         rows = store.images_by_ids(session, [h.id for h in hits])
+        tags = tags_of(session, [h.id for h in hits])
     # A row may vanish between search and lookup if a writer removed it; skip rather than fail.
-    results = [SearchResult(h.id, rows[h.id].path, h.score) for h in hits if h.id in rows]
-    return SearchResponse(results, (time.perf_counter() - started) * 1000, timings)
+    results = [SearchResult(h.id, rows[h.id].path, h.score, tags[h.id]) for h in hits if h.id in rows]
+    return SearchResponse(results, (time.perf_counter() - started) * 1000, timings, strategy)

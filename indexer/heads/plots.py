@@ -1,0 +1,84 @@
+"""PNG plots of a head's training and evaluation, saved beside its JSON report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    if history.get("train_loss"):
+        saved.append(_loss_curves(folder / "loss.png", name, history))
+    if metrics.get("confusion_matrix"):
+        # Binary heads' labels are [negative, positive], matching the matrix's 0/1 order.
+        matrix = np.array(metrics["confusion_matrix"])
+        saved.append(_confusion(folder / "confusion_matrix.png", name, matrix, labels))
+    if metrics.get("curves"):
+        saved.append(_pr_curves(folder / "precision_recall.png", name, metrics["curves"]))
+    return saved
+
+
+def _loss_curves(path: Path, name: str, history: dict) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], label="training")
+    if history.get("val_loss"):
+        ax.plot(range(1, len(history["val_loss"]) + 1), history["val_loss"], label="validation")
+        best = history.get("best_epoch", 0)
+        ax.axvline(best + 1, color="grey", linestyle="--", label=f"best epoch ({best + 1})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{name}: loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _confusion(path: Path, name: str, matrix: np.ndarray, labels: list[str]) -> Path:
+    plt = _pyplot()
+    size = max(4.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    top = matrix.max() or 1
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{name}: confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pr_curves(path: Path, name: str, curves: dict) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, curve in list(curves.items())[:20]:  # beyond ~20 lines a legend stops helping
+        ax.plot(curve["recall"], curve["precision"], label=label, linewidth=1.2)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(f"{name}: precision-recall")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
