@@ -14,7 +14,7 @@ from indexer.library import Library
 from indexer.settings import Settings, get_settings
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import images, search, system
+from service.routes import heads, images, search, system
 
 log = logging.getLogger("lookalike")
 
@@ -51,5 +51,6 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
     install_error_handlers(app)
     app.include_router(search.router)
     app.include_router(images.router)
+    app.include_router(heads.router)
     app.include_router(system.router)
     return app

@@ -6,11 +6,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from indexer.errors import BackboneMismatch, ImageRejected, IndexBusy, LookalikeError, NotIndexed, UnsupportedImage
+from indexer.heads.storage import UnknownHead
 
 _STATUS = [
     (UnsupportedImage, 415),
     (ImageRejected, 422),
     (NotIndexed, 404),
+    (UnknownHead, 404),
     (IndexBusy, 409),
     (BackboneMismatch, 409),
     (LookalikeError, 400),

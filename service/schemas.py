@@ -7,16 +7,43 @@ from datetime import datetime
 from pydantic import BaseModel
 
 
+class TagOut(BaseModel):
+    head: str
+    label: str
+    score: float
+
+
 class ResultOut(BaseModel):
     id: int
     path: str
     score: float
+    tags: list[TagOut]
 
 
 class SearchOut(BaseModel):
     results: list[ResultOut]
     took_ms: float
     timings_ms: dict[str, float]
+    strategy: str
+
+
+class HeadSummary(BaseModel):
+    name: str
+    type: str
+    labels: list[str]
+    builtin: bool
+
+
+class HeadOut(BaseModel):
+    name: str
+    type: str
+    labels: list[str]
+    thresholds: list[float]
+    min_confidence: float
+    builtin: bool
+    created_at: str
+    report_dir: str | None
+    metrics: dict
 
 
 class ImageOut(BaseModel):

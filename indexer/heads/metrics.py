@@ -18,10 +18,20 @@ def tune_threshold(y_true: np.ndarray, probs: np.ndarray, min_precision: float |
         ok = np.flatnonzero(precision >= min_precision)
         return float(thresholds[ok[0]]) if len(ok) else float(thresholds[-1])
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    # Several thresholds often tie at the best F1 on a small split: take the middle of that
-    # run rather than its edge, so unseen images are not decided by a hair.
-    best = np.flatnonzero(f1 >= f1.max() - 1e-9)
-    return float(np.median(thresholds[best]))
+    best = int(np.argmax(f1))
+    # Every cut between the best threshold and the next lower score decides the validation
+    # images alike; cut in the middle of that gap (in logit space) rather than at its edge.
+    lower = thresholds[best - 1] if best > 0 else 0.0
+    return float(_sigmoid((_logit(thresholds[best]) + _logit(lower)) / 2))
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-7), 1 - 1e-7)
+    return float(np.log(p / (1 - p)))
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
 
 
 def evaluate(kind: str, labels: list[str], y_true: np.ndarray, probs: np.ndarray, thresholds: list[float]) -> dict:

@@ -16,6 +16,7 @@ from indexer.errors import ImageRejected, NotIndexed
 from indexer.library import Library
 from indexer.search import search_similar
 from service.deps import LibraryDep
+from service.filters import TagFilterDep
 from service.routes.search import MAX_K
 from service.schemas import ImageOut, SearchOut
 
@@ -47,8 +48,10 @@ def image_metadata(library: LibraryDep, image_id: int):
 
 
 @router.get("/{image_id}/similar", response_model=SearchOut)
-def similar_images(library: LibraryDep, image_id: int, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> dict:
-    return search_similar(library, image_id, k).to_json()
+def similar_images(
+    library: LibraryDep, image_id: int, tag_filter: TagFilterDep, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10
+) -> dict:
+    return search_similar(library, image_id, k, tag_filter).to_json()
 
 
 @router.get("/{image_id}/file", response_class=FileResponse)
