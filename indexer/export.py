@@ -1,13 +1,15 @@
-"""Write every indexed image's id, absolute path and embedding to Parquet or NumPy's .npz."""
+"""Write every indexed image's id, absolute path, embedding and tags to Parquet or NumPy's .npz."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from indexer import store
 from indexer.errors import LookalikeError
+from indexer.heads.storage import tags_of
 from indexer.library import Library
 
 
@@ -16,20 +18,27 @@ def export_embeddings(library: Library, out: Path) -> int:
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".npz"):
         raise LookalikeError(f"cannot export to {out.name}: use a .parquet or .npz file name")
-    ids, paths, vectors, dim = _collect(library)
+    ids, paths, vectors, dim, tags = _collect(library)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if suffix == ".npz":
         with open(tmp, "wb") as fh:
-            np.savez(fh, id=ids, path=np.array(paths, dtype=str), embedding=vectors)
+            # Tags as one JSON string per row: .npz cannot hold nested data without pickling.
+            tag_json = np.array([json.dumps(t) for t in tags], dtype=str)
+            np.savez(fh, id=ids, path=np.array(paths, dtype=str), embedding=vectors, tags=tag_json)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
-        table = pa.table(
-            {"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string()), "embedding": embedding}
-        )
+        tag_type = pa.list_(pa.struct([("head", pa.string()), ("label", pa.string()), ("score", pa.float32())]))
+        columns = {
+            "id": pa.array(ids, pa.int64()),
+            "path": pa.array(paths, pa.string()),
+            "embedding": embedding,
+            "tags": pa.array(tags, tag_type),
+        }
+        table = pa.table(columns)
         pq.write_table(table, tmp)
     tmp.replace(out)
     return len(ids)
@@ -39,7 +48,7 @@ def _collect(library: Library):
     with library.sessions() as session:
         backbone = store.backbone_in_use(session)
         if backbone is None:
-            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32), 0
+            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32), 0, []
         id_parts, vec_parts = [], []
         for ids, vectors in store.iter_vectors(session, backbone.id):
             id_parts.append(ids)
@@ -47,4 +56,6 @@ def _collect(library: Library):
         ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
         vectors = np.concatenate(vec_parts) if vec_parts else np.zeros((0, backbone.dim), np.float32)
         rows = store.images_by_ids(session, ids.tolist())
-        return ids, [rows[int(i)].path for i in ids], vectors.astype(np.float32), backbone.dim
+        tags = tags_of(session, ids.tolist())
+        paths = [rows[int(i)].path for i in ids]
+        return ids, paths, vectors.astype(np.float32), backbone.dim, [tags[int(i)] for i in ids]
