@@ -8,6 +8,7 @@ decides between a restricted search and over-fetching the unfiltered ranking.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,14 +88,22 @@ class TagIndex:
             return [(head, label)] if (head, label) in self.postings else []
         return list(self._by_label.get(term, []))
 
-    def allowed(self, tag_filter: TagFilter, universe: np.ndarray) -> np.ndarray:
-        """Sorted ids (within `universe`) that satisfy the filter."""
-        allowed = np.sort(np.asarray(universe, dtype=np.int64))
-        for term in tag_filter.all_of:
-            allowed = np.intersect1d(allowed, self.matching(term, tag_filter.min_score), assume_unique=True)
+    def allowed(self, tag_filter: TagFilter, universe: Callable[[], np.ndarray]) -> np.ndarray:
+        """Sorted ids that satisfy the filter. `universe()` (all indexed ids) is only asked for
+        when the filter has no positive term; otherwise the postings already bound the set, and
+        an id the index lacks is simply never found by the search."""
+        positive = [self.matching(t, tag_filter.min_score) for t in tag_filter.all_of]
         if tag_filter.any_of:
-            union = np.unique(np.concatenate([self.matching(t, tag_filter.min_score) for t in tag_filter.any_of]))
-            allowed = np.intersect1d(allowed, union, assume_unique=True)
+            positive.append(
+                np.unique(np.concatenate([self.matching(t, tag_filter.min_score) for t in tag_filter.any_of]))
+            )
+        if positive:
+            positive.sort(key=len)  # intersect from the smallest set
+            allowed = positive[0]
+            for ids in positive[1:]:
+                allowed = np.intersect1d(allowed, ids, assume_unique=True)
+        else:
+            allowed = np.sort(np.asarray(universe(), dtype=np.int64))
         for term in tag_filter.none_of:
             allowed = np.setdiff1d(allowed, self.matching(term, tag_filter.min_score), assume_unique=True)
         return allowed

@@ -77,7 +77,7 @@ def _ranked(library, vector, k, started, timings, tag_filter, exclude: int | Non
         (hits,) = index.search(vector[None], want)
         strategy = "unfiltered"
     else:
-        allowed = library.tag_index().allowed(tag_filter, index.ids())
+        allowed = library.tag_index().allowed(tag_filter, index.ids)
         if exclude is not None:
             allowed = allowed[allowed != exclude]
             want = k
