@@ -64,10 +64,12 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     except UnidentifiedImageError:
         raise UnsupportedImage("not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"decompression bomb: {exc}") from None
+        # Pillow refuses at open only above twice its limit, and its message names that doubled figure.
+        raise ImageRejected(f"decompression bomb: more than twice the limit of {max_pixels} pixels ({exc})") from None
     except OSError as exc:
         reason = str(exc) or type(exc).__name__
-        if "truncated" in reason or "broken data stream" in reason or "premature end" in reason.lower():
+        lowered = reason.lower()  # Pillow says both "image file is truncated" and "Truncated File Read"
+        if "truncated" in lowered or "broken data stream" in lowered or "premature end" in lowered:
             raise ImageRejected(f"truncated or corrupt image ({reason})") from None
         raise ImageRejected(f"cannot decode image ({reason})") from None
     except Exception as exc:  # noqa: BLE001 - hostile files raise anything; none may crash a run

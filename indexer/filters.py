@@ -88,10 +88,13 @@ class TagIndex:
             return [(head, label)] if (head, label) in self.postings else []
         return list(self._by_label.get(term, []))
 
-    def allowed(self, tag_filter: TagFilter, universe: Callable[[], np.ndarray]) -> np.ndarray:
-        """Sorted ids that satisfy the filter. `universe()` (all indexed ids) is only asked for
-        when the filter has no positive term; otherwise the postings already bound the set, and
-        an id the index lacks is simply never found by the search."""
+    def allowed(self, tag_filter: TagFilter, universe: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
+        """Sorted ids that satisfy the filter.
+
+        `universe` (all indexed ids, or a function returning them) is only used when the filter
+        has no positive term; otherwise the postings already bound the set, and an id the index
+        lacks is simply never found by the search.
+        """
         positive = [self.matching(t, tag_filter.min_score) for t in tag_filter.all_of]
         if tag_filter.any_of:
             positive.append(
@@ -103,7 +106,7 @@ class TagIndex:
             for ids in positive[1:]:
                 allowed = np.intersect1d(allowed, ids, assume_unique=True)
         else:
-            allowed = np.sort(np.asarray(universe(), dtype=np.int64))
+            allowed = np.sort(np.asarray(universe() if callable(universe) else universe, dtype=np.int64))
         for term in tag_filter.none_of:
             allowed = np.setdiff1d(allowed, self.matching(term, tag_filter.min_score), assume_unique=True)
         return allowed

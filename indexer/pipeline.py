@@ -132,13 +132,24 @@ def _plan(library: Library, roots: list[str]) -> _Plan:
                 previous = known.get(item.path)
                 if isinstance(item, ScanFailure):
                     plan.scan_failures.append((item, previous.id if previous else None))
-                elif previous and (previous.size, previous.mtime_ns) == (item.size, item.mtime_ns):
+                elif previous and _unchanged(previous, item):
                     plan.unchanged += previous.status == store.STATUS_INDEXED
                     plan.previously_failed += previous.status == store.STATUS_FAILED
                 else:
                     plan.tasks.append(_task(item, previous))
             plan.removed_ids.extend(k.id for path, k in known.items() if path not in seen)
     return plan
+
+
+# Failures caused by the environment or the settings rather than the bytes: a chmod or a raised
+# limit fixes them without changing size or mtime, so such files are tried again on every run.
+_RETRY_ERRORS = ("permission denied", "cannot read file", "file disappeared", "file too large", "decompression bomb")
+
+
+def _unchanged(previous: store.KnownFile, item: FoundFile) -> bool:
+    if (previous.size, previous.mtime_ns) != (item.size, item.mtime_ns):
+        return False
+    return not (previous.status == store.STATUS_FAILED and (previous.error or "").startswith(_RETRY_ERRORS))
 
 
 def _task(item: FoundFile, previous: store.KnownFile | None) -> _Task:

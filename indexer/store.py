@@ -23,6 +23,7 @@ class KnownFile:
     mtime_ns: int
     content_hash: str | None
     status: str
+    error: str | None = None
 
 
 @dataclass
@@ -83,12 +84,18 @@ def files_under(session: Session, root: str) -> dict[str, KnownFile]:
     pattern = _escape_like(prefix) + "%"
     rows = session.execute(
         select(
-            ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status
+            ImageRow.path,
+            ImageRow.id,
+            ImageRow.size,
+            ImageRow.mtime_ns,
+            ImageRow.content_hash,
+            ImageRow.status,
+            ImageRow.error,
         ).where(or_(ImageRow.path.like(pattern, escape="\\"), ImageRow.path == root))
     )
     return {
-        path: KnownFile(id_, size, mtime, digest, status)
-        for path, id_, size, mtime, digest, status in rows
+        path: KnownFile(id_, size, mtime, digest, status, error)
+        for path, id_, size, mtime, digest, status, error in rows
         if path.startswith(prefix) or path == root
     }
 
@@ -144,10 +151,17 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
     A changed file gets a new row and id, so the FAISS index can never keep a stale vector
     under a live id: stale ids simply no longer exist in the database.
     """
+    # SQLite hands out max(id) + 1, so deleting the newest row first would give its id to a new
+    # row, and a kill before the next index save would leave the old vector under a live id.
+    # Number new rows above every id seen before the delete (PostgreSQL sequences never reuse).
+    first_id = None
+    if session.get_bind().dialect.name == "sqlite":
+        first_id = (session.scalar(select(func.max(ImageRow.id))) or 0) + 1
     delete_images(session, replace_ids)
     now = utcnow()
     rows = [
         ImageRow(
+            id=None if first_id is None else first_id + position,
             path=item.path,
             size=item.size,
             mtime_ns=item.mtime_ns,
@@ -159,7 +173,7 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
             error=item.error,
             indexed_at=now,
         )
-        for item in items
+        for position, item in enumerate(items)
     ]
     session.add_all(rows)
     session.flush()
