@@ -29,7 +29,10 @@ except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", *_HEIF)
 IMAGE_SUFFIXES = frozenset(".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .heic .heif .hif".split())
 
-# We enforce the pixel limit ourselves (see _check_size), so Pillow's warning is noise.
+# We enforce the pixel limit ourselves, per call and exactly (see _check_size), right after the
+# header is read and before any pixel is decoded; Pillow's process-wide limit would leak one
+# caller's setting into another's, so it is switched off.
+Image.MAX_IMAGE_PIXELS = None
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -46,7 +49,6 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
     """Decode `data` into an upright RGB image, optionally letting JPEG decode near `draft_size`."""
     if not data:
         raise ImageRejected("empty file")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow raises above twice this at open time
     try:
         img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         width, height = img.size
@@ -84,7 +86,7 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageRejected(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageRejected(
-            f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels"
         )
 
 

@@ -1,0 +1,208 @@
+"""The schema comes from Alembic alone: migrations build it from nothing, agree with the models,
+go down and up again, keep data across upgrades, and `lookalike db upgrade` applies them."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from typer.testing import CliRunner
+
+import cli
+from indexer.database import alembic_config, current_revision, make_engine, upgrade
+from indexer.library import Library
+from indexer.models import Base
+from indexer.settings import Settings
+
+runner = CliRunner()
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def revisions() -> list[str]:
+    """All revisions, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def head() -> str:
+    (only,) = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()  # one head, no branches
+    return only
+
+
+def tables(engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def model_tables() -> set[str]:
+    return set(Base.metadata.tables)
+
+
+def test_revision_history_is_a_single_line():
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    revs = revisions()
+    assert revs[0] == "0001" and revs[-1] == head() and len(revs) == len(set(revs))
+    assert script.get_revision(revs[0]).down_revision is None
+    for older, newer in zip(revs, revs[1:]):
+        assert script.get_revision(newer).down_revision == older
+
+
+def test_upgrade_from_an_empty_database_creates_every_table(tmp_path):
+    engine = make_engine(sqlite_url(tmp_path / "empty.db"))
+    assert tables(engine) == set() and current_revision(engine) is None
+    upgrade(engine)
+    assert {"backbones", "roots", "images", "embeddings"} <= model_tables()
+    assert tables(engine) == model_tables() | {"alembic_version"}
+    assert current_revision(engine) == head()
+
+    insp = inspect(engine)
+    image_columns = {c["name"] for c in insp.get_columns("images")}
+    assert {"id", "path", "size", "mtime_ns", "content_hash", "status", "error", "width", "height"} <= image_columns
+    assert {i["name"] for i in insp.get_indexes("images")} >= {"ix_images_content_hash", "ix_images_status"}
+    assert any(u["column_names"] == ["path"] for u in insp.get_unique_constraints("images"))
+    (fk,) = [f for f in insp.get_foreign_keys("embeddings") if f["referred_table"] == "images"]
+    assert fk["options"].get("ondelete") == "CASCADE"
+
+    upgrade(engine)  # a second upgrade is a no-op
+    assert current_revision(engine) == head()
+    engine.dispose()
+
+
+def test_models_and_migrations_agree(tmp_path):
+    engine = make_engine(sqlite_url(tmp_path / "compare.db"))
+    upgrade(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        differences = compare_metadata(context, Base.metadata)
+    assert differences == []
+
+    # The comparison is not vacuous: a column the migrations do not create is reported.
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE images DROP COLUMN error"))
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [(d[0], d[3].name) for d in differences if d[0] == "add_column"] == [("add_column", "error")]
+    engine.dispose()
+
+
+def test_every_revision_goes_down_and_up_again(tmp_path):
+    url = sqlite_url(tmp_path / "updown.db")
+    cfg = alembic_config(url)  # no connection handed in: env.py builds its own engine from the URL
+    command.upgrade(cfg, "head")
+    engine = make_engine(url)
+    assert current_revision(engine) == head()
+    command.downgrade(cfg, "base")
+    assert tables(engine) == {"alembic_version"} and current_revision(engine) is None
+    for rev in revisions():  # one step at a time
+        command.upgrade(cfg, rev)
+        assert current_revision(engine) == rev
+    assert tables(engine) == model_tables() | {"alembic_version"}
+    engine.dispose()
+
+
+def test_offline_sql_script(tmp_path):
+    buffer = io.StringIO()
+    cfg = alembic_config(sqlite_url(tmp_path / "never-created.db"))
+    cfg.output_buffer = buffer
+    command.upgrade(cfg, "head", sql=True)
+    script = buffer.getvalue()
+    for table in ("backbones", "roots", "images", "embeddings"):
+        assert f"CREATE TABLE {table}" in script
+    assert f"'{head()}'" in script
+    assert not (tmp_path / "never-created.db").exists()
+
+
+def test_upgrading_an_older_database_keeps_its_data(tmp_path, model_cache):
+    url = sqlite_url(tmp_path / "home" / "lookalike.db")
+    (tmp_path / "home").mkdir()
+    engine = make_engine(url)
+    upgrade(engine, revisions()[0])
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO backbones (id, name, dim, created_at) VALUES (1, 'efficientnet-lite0', 4, '2024-01-01')")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO images (id, path, size, mtime_ns, content_hash, status, indexed_at) "
+                "VALUES (7, '/photos/a.jpg', 10, 20, 'abc', 'indexed', '2024-01-01')"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO embeddings (image_id, backbone_id, vector) VALUES (7, 1, :v)"),
+            {"v": b"\x00\x00\x80\x3f" + b"\x00" * 12},
+        )
+    engine.dispose()
+
+    # Opening the home folder applies the pending migrations itself.
+    library = Library(Settings(home=tmp_path / "home", model_cache=model_cache))
+    assert current_revision(library.engine) == head()
+    with library.engine.connect() as conn:
+        assert conn.execute(text("SELECT path, content_hash FROM images WHERE id = 7")).one() == (
+            "/photos/a.jpg",
+            "abc",
+        )
+        assert conn.execute(text("SELECT count(*) FROM embeddings WHERE image_id = 7")).scalar() == 1
+    assert library.index().ids().tolist() == [7]  # the stored vector is usable after the upgrade
+    library.close()
+
+
+def test_cli_db_upgrade(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    result = runner.invoke(cli.app, ["db", "upgrade", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    assert f"database at revision {head()}" in result.stderr
+    engine = make_engine(sqlite_url(home / "lookalike.db"))
+    assert tables(engine) == model_tables() | {"alembic_version"}
+    engine.dispose()
+    again = runner.invoke(cli.app, ["db", "upgrade", "--home", str(home)])
+    assert again.exit_code == 0 and f"database at revision {head()}" in again.stderr
+
+    # LOOKALIKE_DATABASE_URL puts the database elsewhere.
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("LOOKALIKE_DATABASE_URL", sqlite_url(elsewhere))
+    result = runner.invoke(cli.app, ["db", "upgrade", "--home", str(tmp_path / "home2")])
+    assert result.exit_code == 0, result.output
+    engine = make_engine(sqlite_url(elsewhere))
+    assert current_revision(engine) == head()
+    engine.dispose()
+    assert not (tmp_path / "home2" / "lookalike.db").exists()
+
+
+_KILLED_MIGRATION = """
+import os, sys
+from alembic.ddl import impl
+
+real_exec, calls = impl.DefaultImpl._exec, [0]
+
+def exec_then_die(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):
+        os._exit(9)  # as abrupt as SIGKILL: no cleanup, no rollback by Python
+    return real_exec(self, *args, **kwargs)
+
+impl.DefaultImpl._exec = exec_then_die
+from indexer.database import make_engine, upgrade
+upgrade(make_engine(sys.argv[1]))
+"""
+
+
+def test_a_migration_killed_half_way_leaves_nothing_half_done(tmp_path):
+    """The first run on a new home may be killed while it creates the schema; the next must work."""
+    for statement in (2, 5, 9):  # die just before the n-th DDL/DML statement of the upgrade
+        url = sqlite_url(tmp_path / f"killed-{statement}.db")
+        proc = subprocess.run([sys.executable, "-c", _KILLED_MIGRATION, url, str(statement)], capture_output=True)
+        assert proc.returncode == 9, proc.stderr
+        engine = make_engine(url)
+        assert tables(engine) == set() and current_revision(engine) is None  # all or nothing
+        upgrade(engine)
+        assert current_revision(engine) == head() and tables(engine) == model_tables() | {"alembic_version"}
+        engine.dispose()
