@@ -254,6 +254,7 @@ def heads_train(
     min_precision: Annotated[float | None, typer.Option(help="Thresholds reach this precision")] = None,
     min_confidence: Annotated[float, typer.Option(help="Multi-class: tag the top label only from here")] = 0.0,
     min_examples: Annotated[int, typer.Option(help="Labels with fewer examples are dropped")] = 5,
+    index_new: Annotated[bool, typer.Option("--index", help="Also index labelled images not indexed yet")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     home: HomeOption = None,
 ) -> None:
@@ -281,7 +282,13 @@ def heads_train(
             min_precision=min_precision,
             min_confidence=min_confidence,
         )
-        result, report_dir = train(_open(_settings(home)), name, label_set, options, log=lambda m: err.print(m))
+        library = _open(_settings(home))
+        if index_new:
+            from indexer.pipeline import index_files
+
+            indexed = index_files(library, label_set.paths)
+            err.print(f"indexed {indexed.added + indexed.updated} labelled images, {len(indexed.failed)} failed")
+        result, report_dir = train(library, name, label_set, options, log=lambda m: err.print(m))
     except LookalikeError as exc:
         _fail(str(exc))
     report = json.loads((report_dir / "report.json").read_text())

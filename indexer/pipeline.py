@@ -163,11 +163,42 @@ def _task(item: FoundFile, previous: store.KnownFile | None) -> _Task:
 
 
 def index_folders(library: Library, folders: Iterable[str], *, progress: ProgressFn | None = None) -> IndexReport:
-    started = time.perf_counter()
+    """Index every image below `folders`; files that vanished from them are removed."""
     roots = [os.path.abspath(f) for f in folders]
     for root in roots:
         if not os.path.isdir(root):
             raise LookalikeError(f"not a folder: {root}")
+    return _index(library, roots, lambda: _plan(library, roots), progress)
+
+
+def index_files(library: Library, paths: Iterable[str], *, progress: ProgressFn | None = None) -> IndexReport:
+    """Index these image files (e.g. the labelled images of a head); nothing else is touched."""
+    files = sorted({os.path.abspath(p) for p in paths})
+    return _index(library, [], lambda: _plan_files(library, files), progress)
+
+
+def _plan_files(library: Library, files: list[str]) -> _Plan:
+    plan = _Plan()
+    with library.sessions() as session:
+        known = store.files_by_paths(session, files)
+    for path in files:
+        previous = known.get(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            plan.scan_failures.append((ScanFailure(path, _os_reason(exc)), previous.id if previous else None))
+            continue
+        item = FoundFile(path, st.st_size, st.st_mtime_ns)
+        if previous and _unchanged(previous, item):
+            plan.unchanged += previous.status == store.STATUS_INDEXED
+            plan.previously_failed += previous.status == store.STATUS_FAILED
+        else:
+            plan.tasks.append(_task(item, previous))
+    return plan
+
+
+def _index(library: Library, roots: list[str], make_plan, progress: ProgressFn | None) -> IndexReport:
+    started = time.perf_counter()
     with library.write_lock():
         backbone = library.backbone()
         with library.sessions.begin() as session:
@@ -175,7 +206,7 @@ def index_folders(library: Library, folders: Iterable[str], *, progress: Progres
             store.add_roots(session, roots)
             ensure_builtin_heads(session, backbone, backbone_id)
         index = library.index()
-        plan = _plan(library, roots)
+        plan = make_plan()
         report = IndexReport(unchanged=plan.unchanged, previously_failed=plan.previously_failed)
         with library.sessions() as session:
             known_hashes = frozenset(store.indexed_hashes(session, backbone_id))

@@ -77,27 +77,39 @@ def add_roots(session: Session, paths: Iterable[str]) -> None:
             session.add(Root(path=path))
 
 
+# path first, then KnownFile's fields in order
+_KNOWN_COLUMNS = (
+    ImageRow.path,
+    ImageRow.id,
+    ImageRow.size,
+    ImageRow.mtime_ns,
+    ImageRow.content_hash,
+    ImageRow.status,
+    ImageRow.error,
+)
+
+
 def files_under(session: Session, root: str) -> dict[str, KnownFile]:
     """Every image row whose path lies inside `root`."""
     prefix = root.rstrip("/") + "/"
     # LIKE treats _ and % as wildcards, so filter the prefix exactly in Python as well.
     pattern = _escape_like(prefix) + "%"
     rows = session.execute(
-        select(
-            ImageRow.path,
-            ImageRow.id,
-            ImageRow.size,
-            ImageRow.mtime_ns,
-            ImageRow.content_hash,
-            ImageRow.status,
-            ImageRow.error,
-        ).where(or_(ImageRow.path.like(pattern, escape="\\"), ImageRow.path == root))
+        select(*_KNOWN_COLUMNS).where(or_(ImageRow.path.like(pattern, escape="\\"), ImageRow.path == root))
     )
     return {
         path: KnownFile(id_, size, mtime, digest, status, error)
         for path, id_, size, mtime, digest, status, error in rows
         if path.startswith(prefix) or path == root
     }
+
+
+def files_by_paths(session: Session, paths: list[str]) -> dict[str, KnownFile]:
+    found: dict[str, KnownFile] = {}
+    for start in range(0, len(paths), 500):
+        rows = session.execute(select(*_KNOWN_COLUMNS).where(ImageRow.path.in_(paths[start : start + 500])))
+        found.update({row[0]: KnownFile(*row[1:]) for row in rows})
+    return found
 
 
 def _escape_like(text: str) -> str:
