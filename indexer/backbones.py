@@ -187,7 +187,14 @@ def _build_torch_encoder(name: str, weights: Path):
         import open_clip
 
         model_name = name[len(CLIP_PREFIX) :]
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device="cpu")
+        if model_name not in open_clip.list_models():
+            raise UnknownBackbone(
+                f"unknown backbone {name!r}: open_clip has no model config {model_name!r} (see open_clip.list_models())"
+            )
+        try:
+            model = open_clip.create_model(model_name, pretrained=str(weights), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - torch.load and load_state_dict raise many kinds
+            raise LookalikeError(f"cannot load CLIP weights {weights} into {model_name!r}: {exc}") from None
         visual = model.visual
         size = visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -247,7 +254,9 @@ class TorchBackbone(Backbone):
 
     def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._torch.inference_mode():
-            vectors, norms = self._encoder(self._torch.from_numpy(np.ascontiguousarray(pixels)))
+            # A private copy when the batch is read-only (torch.from_numpy warns on those).
+            batch = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels)
+            vectors, norms = self._encoder(self._torch.from_numpy(batch))
         return vectors.numpy().astype(np.float32, copy=False), norms.numpy().astype(np.float32, copy=False)
 
 
@@ -287,18 +296,29 @@ def export_onnx(name: str, weights: Path, model_path: Path) -> dict:
     tmp = model_path.with_suffix(f".tmp{os.getpid()}")
     # The TorchScript exporter handles timm's TF-"same" padding and open_clip models without
     # extra dependencies; its deprecation notice is not actionable for users.
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            encoder,
-            (dummy,),
-            str(tmp),
-            input_names=["pixels"],
-            output_names=["embedding", "norm"],
-            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "norm": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention, used by
+    # open_clip's ViTs) has no ONNX export: trace the plain attention math instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants
+            torch.onnx.export(
+                encoder,
+                (dummy,),
+                str(tmp),
+                input_names=["pixels"],
+                output_names=["embedding", "norm"],
+                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "norm": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written model left in the cache
+        raise
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     os.replace(tmp, model_path)
     if classifier is not None:
         classifier.save(model_path.with_suffix(".classifier.npz"))

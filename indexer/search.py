@@ -63,7 +63,7 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
     """Nearest neighbours of an indexed image, the image itself left out."""
     started = time.perf_counter()
     index = library.index(repair_on_disk=False)
-    vector = index.reconstruct(image_id)
+    vector = index.reconstruct(image_id) if 0 < image_id < 2**63 else None  # ids are SQL BIGINTs
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
     return _ranked(library, vector, k, started, {}, tag_filter, exclude=image_id)

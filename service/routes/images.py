@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response
 
 from indexer import store
@@ -34,6 +35,16 @@ _MEDIA_TYPES = {
 }
 
 
+def _image_id(image_id: int) -> int:
+    """Ids are 64-bit; a larger number names no image (rather than overflowing SQL and FAISS)."""
+    if not -(2**63) <= image_id < 2**63:
+        raise NotIndexed(f"no image with id {image_id}")
+    return image_id
+
+
+ImageId = Annotated[int, Depends(_image_id)]
+
+
 def _indexed_row(library: Library, image_id: int):
     with library.sessions() as session:
         row = store.get_image(session, image_id)
@@ -43,19 +54,19 @@ def _indexed_row(library: Library, image_id: int):
 
 
 @router.get("/{image_id}", response_model=ImageOut)
-def image_metadata(library: LibraryDep, image_id: int):
+def image_metadata(library: LibraryDep, image_id: ImageId):
     return _indexed_row(library, image_id)
 
 
 @router.get("/{image_id}/similar", response_model=SearchOut)
 def similar_images(
-    library: LibraryDep, image_id: int, tag_filter: TagFilterDep, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10
+    library: LibraryDep, image_id: ImageId, tag_filter: TagFilterDep, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10
 ) -> dict:
     return search_similar(library, image_id, k, tag_filter).to_json()
 
 
 @router.get("/{image_id}/file", response_class=FileResponse)
-def original_file(library: LibraryDep, image_id: int):
+def original_file(library: LibraryDep, image_id: ImageId):
     row = _indexed_row(library, image_id)
     if row.status != store.STATUS_INDEXED or not os.path.isfile(row.path):
         raise NotIndexed(f"image {image_id} has no indexed file to serve")
@@ -64,7 +75,7 @@ def original_file(library: LibraryDep, image_id: int):
 
 
 @router.get("/{image_id}/thumbnail", response_class=Response)
-def thumbnail(library: LibraryDep, image_id: int):
+def thumbnail(library: LibraryDep, image_id: ImageId):
     row = _indexed_row(library, image_id)
     if row.status != store.STATUS_INDEXED:
         raise NotIndexed(f"image {image_id} has no indexed file to serve")
@@ -80,7 +91,14 @@ def thumbnail(library: LibraryDep, image_id: int):
         except ImageRejected as exc:
             raise NotIndexed(f"image {image_id} can no longer be decoded: {exc}") from None
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(jpeg)
-        os.replace(tmp, cached)
+        # A temporary file of its own per request: concurrent first requests for one image
+        # must not write into, or rename away, each other's half-written file.
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(jpeg)
+            os.replace(tmp, cached)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
