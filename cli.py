@@ -372,6 +372,7 @@ def heads_delete(name: str, home: HomeOption = None) -> None:
         library = _open(_settings(home))
         with library.sessions.begin() as session:
             delete_head(session, name)
+        library.tags_changed()
     except LookalikeError as exc:
         _fail(str(exc))
     err.print(f"deleted head {name!r} and its tags")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +23,10 @@ from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
 from indexer.filters import TagIndex
 from indexer.settings import Settings
-from indexer.vector_index import IndexCorrupt, VectorIndex
+from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
+TAGS_STAMP = "tags.stamp"  # touched whenever tags change, so servers reload their postings
 
 Notify = Callable[[str], None]
 
@@ -46,6 +48,7 @@ class Library:
         self._backbone_lock = threading.Lock()
         self._index: VectorIndex | None = None
         self._tags: TagIndex | None = None
+        self._tags_mark = _mtime_ns(self.index_dir / TAGS_STAMP)
         self._lock_held = False
 
     @property
@@ -137,15 +140,40 @@ class Library:
         return bool(len(extra) or len(missing))
 
     def tag_index(self) -> TagIndex:
-        """In-memory tag postings for filtered search (loaded once, dropped by invalidate_tags)."""
+        """In-memory tag postings for filtered search (loaded once, dropped by tags_changed)."""
         tags = self._tags
         if tags is None:
             with self.sessions() as session:
                 tags = self._tags = TagIndex.load(session)
         return tags
 
-    def invalidate_tags(self) -> None:
+    def tags_changed(self) -> None:
+        """Drop the cached tag postings and tell other processes (a running server) to do so too."""
         self._tags = None
+        stamp = self.index_dir / TAGS_STAMP
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(str(time.time_ns()))
+
+    # -- live reload (servers) -----------------------------------------------------------------
+
+    def refresh(self) -> list[str]:
+        """Pick up what other processes saved: a new index generation, changed tags.
+
+        The new generation is loaded and verified beside the one being served and swapped in
+        with one assignment, so a request sees the old bundle or the new one, never a mix.
+        """
+        changed = []
+        manifest = read_manifest(self.index_dir) or {}
+        generation = int(manifest.get("generation", 0))
+        if self._index is not None and generation != self._index.generation:
+            self._index = self._load_verified_index(save_repairs=False)
+            changed.append(f"index generation {generation}")
+        tags_mark = _mtime_ns(self.index_dir / TAGS_STAMP)
+        if tags_mark != self._tags_mark:
+            self._tags_mark = tags_mark
+            self._tags = None
+            changed.append("tags")
+        return changed
 
     def rebuild_index(self) -> VectorIndex:
         """Build a fresh index from every stored embedding and save it (lookalike reindex)."""
@@ -189,8 +217,13 @@ class Library:
             os.close(fd)  # closing releases the lock, also when the process is killed
 
 
-def _current_generation(folder: Path) -> int:
-    from indexer.vector_index import read_manifest
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
+
+def _current_generation(folder: Path) -> int:
     manifest = read_manifest(folder)
     return int(manifest.get("generation", 0)) if manifest else 0

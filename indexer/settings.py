@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     )
     max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Larger files are skipped")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    reload_interval: float = Field(
+        default=1.0, ge=0, description="Seconds between a server's checks for a newer index or tags; 0 = never"
+    )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
 
     @property

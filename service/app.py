@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from indexer import __version__
 from indexer.library import Library
@@ -25,6 +27,21 @@ def warm_up(backbone) -> None:
     backbone.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
 
 
+async def _watch_for_changes(library: Library, interval: float) -> None:
+    """Serve what `lookalike index`, `heads train` or `tag` saved meanwhile, without a restart."""
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            changed = await run_in_threadpool(library.refresh)
+        except Exception:  # noqa: BLE001 - a failed reload keeps serving the previous state
+            log.exception("reloading the index failed; still serving the previous one")
+            continue
+        if changed:
+            log.info("reloaded: %s", ", ".join(changed))
+
+
 def create_app(settings: Settings | None = None, *, notify: Callable[[str], None] | None = None) -> FastAPI:
     settings = settings or get_settings()
     notify = notify or log.warning
@@ -36,9 +53,11 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
         library.index()
         warm_up(library.backbone())
         app.state.library = library
+        watcher = asyncio.create_task(_watch_for_changes(library, settings.reload_interval))
         try:
             yield
         finally:
+            watcher.cancel()
             library.close()
 
     app = FastAPI(

@@ -159,7 +159,7 @@ def tag_all(library: Library, names: list[str] | None = None, *, progress=None) 
                 done += len(ids)
                 if progress:
                     progress(done, total)
-    library.invalidate_tags()
+    library.tags_changed()
     return written
 
 
