@@ -15,12 +15,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from indexer.errors import LookalikeError
 from indexer.models import HeadRow, TagRow
-
-
-class BadFilter(LookalikeError):
-    """A tag filter that names no known label or is malformed."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class LabelSet:
     where: list[str]
     names: list[str] = field(default_factory=list)  # the label vocabulary, sorted (binary: [neg, pos])
     dropped: list[str] = field(default_factory=list)
+    positive: str | None = None  # binary: the positive class when the layout says which (--negatives)
 
     def targets(self) -> np.ndarray:
         index = {name: i for i, name in enumerate(self.names)}
@@ -113,7 +114,9 @@ def read_folders(folder: Path, kind: str, *, negatives: Path | None = None) -> L
             add(sub, sub.name)
     if not paths:
         raise LabelError(f"no images found under {folder}")
-    return LabelSet(kind, paths, labels, where)
+    # One folder plus --negatives: that folder holds the positives, whatever the names' order.
+    positive = folder.resolve().name if negatives is not None else None
+    return LabelSet(kind, paths, labels, where, positive=positive)
 
 
 def finalise(
@@ -130,6 +133,7 @@ def finalise(
             found = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items()))
             raise LabelError(f"a binary head needs exactly two classes, found {len(counts)}: {found}")
         names = sorted(counts)
+        positive = positive if positive is not None else labels.positive
         if positive is not None:
             if positive not in counts:
                 raise LabelError(f"--positive {positive!r} is not one of the classes {names}")
@@ -149,6 +153,7 @@ def finalise(
         labels.where = [labels.where[i] for i in rows]
         if len(keep) < 2:
             raise LabelError(f"a multi-class head needs at least two classes with {min_examples}+ examples")
+        _require(labels, counts, keep, min_examples=2)  # with --min-examples below 2
     else:
         labels.labels = [[label for label in row if label in keep] for row in labels.labels]
         if not keep:

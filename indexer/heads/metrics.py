@@ -16,7 +16,9 @@ def tune_threshold(y_true: np.ndarray, probs: np.ndarray, min_precision: float |
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     if min_precision is not None:
         ok = np.flatnonzero(precision >= min_precision)
-        return float(thresholds[ok[0]]) if len(ok) else float(thresholds[-1])
+        # Unreachable: the most precise threshold (the lowest of equals), not simply the highest
+        # one, whose single top-scored image may well be a false positive (precision 0).
+        return float(thresholds[ok[0]] if len(ok) else thresholds[int(np.argmax(precision))])
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1))
     # Every cut between the best threshold and the next lower score decides the validation

@@ -84,7 +84,7 @@ def load_heads(session: Session, backbone_id: int, names: Iterable[str] | None =
     if wanted is not None:
         missing = set(wanted) - {r.name for r in rows}
         if missing:
-            raise UnknownHead(f"no head named {', '.join(sorted(missing))}")
+            raise UnknownHead(f"no head named {', '.join(repr(n) for n in sorted(missing))}")
     for row in rows:
         _check_backbone(session, row, backbone_id)
     return [_to_stored(row) for row in rows]

@@ -93,9 +93,28 @@ def train_head(
     log(f"initial loss {initial:.4f}, expected {expected:.4f} ({_expected_formula(kind, n_out)})")
     if abs(initial - expected) > 0.1 * expected:
         warnings.append(f"initial loss {initial:.4f} is far from the expected {expected:.4f}: check the labels")
+    warnings += _precision_shortfalls(kind, labels, y_val, probs_val, thresholds, options.min_precision)
     metrics = evaluate(kind, labels, y_val, probs_val, thresholds)
     metrics["split"] = f"{options.folds}-fold cross-validation" if options.folds > 1 else "validation"
     return TrainResult(head, metrics, history, initial, expected, time.perf_counter() - started, warnings)
+
+
+def _precision_shortfalls(kind, labels, y_val, probs, thresholds, min_precision) -> list[str]:
+    """--min-precision targets that no threshold reached on the validation images."""
+    if min_precision is None or kind == MULTICLASS:
+        return []
+    names = [labels[1]] if kind == BINARY else labels
+    y = np.asarray(y_val).reshape(len(probs), -1)
+    out = []
+    for j, label in enumerate(names):
+        chosen = probs[:, j] >= thresholds[j]
+        reached = float(y[chosen, j].mean()) if chosen.any() else 0.0
+        if reached < min_precision:
+            out.append(
+                f"label {label!r}: no threshold reaches precision {min_precision:.2f} on the validation images; "
+                f"using the most precise one ({reached:.2f})"
+            )
+    return out
 
 
 def _expected_formula(kind: str, n_out: int) -> str:
