@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -10,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from indexer.errors import LookalikeError
@@ -44,10 +46,47 @@ def _open(settings: Settings):
 
 
 def _fail(message: str, hint: str | None = None) -> None:
-    err.print(f"[red]error:[/] {message}")
+    err.print(f"[red]error:[/] {escape(message)}")
     if hint:
-        err.print(f"hint: {hint}")
+        err.print(f"hint: {escape(hint)}")
     raise typer.Exit(1)
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a full, read-only or forbidden disk raises (evaluated only when something was raised)."""
+    from sqlalchemy.exc import OperationalError
+
+    return (OSError, OperationalError)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _fail_storage(exc: BaseException, settings: Settings) -> None:
+    """One line for a disk that refuses a write (no traceback), with what to do about it."""
+    home = settings.resolved_home
+    where = home
+    if isinstance(exc, OSError):
+        where = exc.filename or home
+        target = exc.filename or f"in {home}"
+        reason = exc.strerror or str(exc)
+        verb = "cannot write" if exc.errno in _WRITE_ERRNOS else "I/O error on"
+        code = exc.errno
+    else:  # SQLite: "database or disk is full", "attempt to write a readonly database", ...
+        from sqlalchemy.engine import make_url
+
+        where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        target = f"the database {where}"
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        verb = "cannot write"
+        code = errno.ENOSPC if "full" in reason else errno.EACCES if "readonly" in reason else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some space on that disk and run the command again; what was committed before is kept"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"make {where} writable for this user (or use another --home) and run the command again"
+    else:
+        hint = "check the disk and run the command again; what was committed before is kept"
+    _fail(f"{verb} {target}: {reason}", hint)
 
 
 @app.command()
@@ -69,6 +108,8 @@ def index(
             report = index_folders(library, [str(f) for f in folders], progress=on_progress)
     except LookalikeError as exc:
         _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
     for path, reason in report.failed:
         err.print(f"skipping {path}: {reason}", markup=False)
     rate = report.embedded / report.seconds if report.seconds else 0.0
@@ -196,11 +237,70 @@ def stats(
 @app.command()
 def reindex(home: HomeOption = None) -> None:
     """Rebuild the FAISS index from the stored embeddings."""
+    settings = _settings(home)
     try:
-        index = _open(_settings(home)).rebuild_index()
+        index = _open(settings).rebuild_index()
     except LookalikeError as exc:
         _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
     err.print(f"rebuilt the index: {len(index)} vectors")
+
+
+WaitOption = Annotated[
+    float, typer.Option("--wait", min=0, help="Seconds to wait for a running index or tag run to finish")
+]
+
+
+@app.command()
+def backup(
+    dest: Annotated[Path, typer.Argument(help="A new or empty folder for the backup")],
+    home: HomeOption = None,
+    wait: WaitOption = 300.0,
+) -> None:
+    """Snapshot the database and the index together (safe while serving or indexing)."""
+    from indexer.backup import backup_home
+
+    settings = _settings(home)
+    try:
+        info = backup_home(_open(settings), dest, wait=wait)
+    except LookalikeError as exc:
+        _fail(str(exc), "give --wait more seconds" if "being written" in str(exc) else None)
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+    counts, index_info = info["counts"], info["index"]
+    err.print(
+        f"backed up {counts['images']} images ({counts['embeddings']} embeddings, {counts['heads']} heads, "
+        f"{counts['tags']} tags) and an index of {index_info['vectors']} vectors "
+        f"({index_info['source']}) to {Path(dest).resolve()}",
+        markup=False,
+    )
+
+
+@app.command()
+def restore(
+    src: Annotated[Path, typer.Argument(help="A folder written by `lookalike backup`")],
+    home: HomeOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a database that is not empty")] = False,
+    wait: WaitOption = 300.0,
+) -> None:
+    """Restore a backup into this home (its database and index); the index is verified afterwards."""
+    from indexer.backup import restore_home
+
+    settings = _settings(home)
+    try:
+        result = restore_home(
+            settings, src, force=force, wait=wait, notify=lambda m: err.print(f"[yellow]note:[/] {escape(m)}")
+        )
+    except LookalikeError as exc:
+        _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+    err.print(
+        f"restored {result['images']} images and an index of {result['vectors']} vectors "
+        f"(generation {result['generation']}) into {settings.resolved_home}",
+        markup=False,
+    )
 
 
 @app.command()
@@ -220,7 +320,33 @@ def serve(
     except LookalikeError as exc:
         _fail(str(exc))
     err.print(f"lookalike is serving {settings.resolved_home} at http://{host}:{port}/  (API docs: /docs)")
+    _warn_about_keys(settings, host)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may well resolve to a public interface
+
+
+def _warn_about_keys(settings: Settings, host: str) -> None:
+    if settings.api_keys:
+        admin = "admin keys for writes" if settings.admin_keys else "no admin keys: any API key may write"
+        err.print(f"API keys required on every route but /health and the web page ({admin})")
+        return
+    err.print("no API keys are set (LOOKALIKE_API_KEYS): anyone who can reach this address can use the API")
+    if not _is_loopback(host):
+        err.print(
+            f"[bold red]warning:[/] serving on {host}, which is not a loopback address, without API keys: "
+            "every photo in the index, and its path, is readable from the network. "
+            "Set LOOKALIKE_API_KEYS (and LOOKALIKE_ADMIN_KEYS), or bind to 127.0.0.1."
+        )
 
 
 @app.command()
@@ -231,11 +357,14 @@ def tag(
     """Re-tag every indexed image with every head (or the named ones)."""
     from indexer.heads.workflow import tag_all
 
+    settings = _settings(home)
     try:
         with _progress_bar(False, "tagging") as on_progress:
-            written = tag_all(_open(_settings(home)), head or None, progress=on_progress)
+            written = tag_all(_open(settings), head or None, progress=on_progress)
     except LookalikeError as exc:
         _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
     err.print(f"wrote {written} tags")
 
 
@@ -291,6 +420,8 @@ def heads_train(
         result, report_dir = train(library, name, label_set, options, log=lambda m: err.print(m))
     except LookalikeError as exc:
         _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, _settings(home))
     report = json.loads((report_dir / "report.json").read_text())
     if as_json:
         out.print(json.dumps(report, indent=2), markup=False)

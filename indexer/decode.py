@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from indexer.backbones import Preprocess
 from indexer.errors import ImageRejected, UnsupportedImage
@@ -34,6 +34,9 @@ IMAGE_SUFFIXES = frozenset(".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif
 # caller's setting into another's, so it is switched off.
 Image.MAX_IMAGE_PIXELS = None
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Pillow warns about broken metadata ("Corrupt EXIF data") on stderr, once per file; a hostile
+# folder would drown the CLI's own report in them. Decoding outcomes are reported as reasons.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -58,8 +61,7 @@ def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -
             img.draft("RGB", (draft_size, draft_size))
         img.seek(0)  # first frame of animations
         img.load()
-        rotated = _exif_orientation(img) in (5, 6, 7, 8)
-        img = _upright(img)
+        img, rotated = _upright(img)
         rgb = _to_rgb(img)
     except ImageRejected:
         raise
@@ -90,12 +92,33 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    """Apply EXIF orientation; a broken EXIF block is ignored rather than fatal."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - malformed EXIF must not reject an otherwise fine image
-        return img
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Apply EXIF orientation; returns the image and whether width and height swapped.
+
+    Not ImageOps.exif_transpose: after turning the pixels it re-serialises the EXIF block, which
+    raises on some broken blocks whose orientation reads fine, and the image then stayed sideways
+    while its reported size was swapped. An unreadable orientation counts as 1."""
+    method = _TRANSPOSE.get(_exif_orientation(img))
+    if method is None:
+        return img, False
+    swaps = method in (
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSVERSE,
+        Image.Transpose.ROTATE_90,
+    )
+    return img.transpose(method), swaps
 
 
 def _exif_orientation(img: Image.Image) -> int:
@@ -122,15 +145,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def to_model_input(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """Resize the short side to `preprocess.resize_size`, centre-crop to `input_size`: uint8 HxWx3."""
+    """Resize the short side to `preprocess.resize_size`, centre-crop to `input_size`: uint8 HxWx3.
+
+    Only the crop is resampled (`box=`, in source pixels): resizing the whole image first would make
+    a 100000 x 2 strip, a few hundred bytes and far below the pixel limit, a 12,800,000 x 256 one."""
     short = preprocess.resize_size
     w, h = img.size
     scale = short / min(w, h)
     new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
-    resized = img.resize((new_w, new_h), _RESAMPLE[preprocess.interpolation], reducing_gap=3.0)
     size = preprocess.input_size
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    cropped = img.resize((size, size), _RESAMPLE[preprocess.interpolation], box=box, reducing_gap=3.0)
+    return np.asarray(cropped, dtype=np.uint8)
 
 
 def decode_for_model(data: bytes, preprocess: Preprocess, *, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:

@@ -21,6 +21,7 @@ from indexer import store
 from indexer.backbones import Backbone, load_backbone
 from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
+from indexer.faults import checkpoint
 from indexer.filters import TagIndex
 from indexer.settings import Settings
 from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
@@ -119,6 +120,8 @@ class Library:
                     index.save(self.index_dir, name)
             except IndexBusy:
                 pass  # the writer holding the lock will save its own, newer state
+            except OSError as exc:  # disk full, read-only: serve the repaired copy from memory anyway
+                self.notify(f"cannot save the repaired index ({exc.strerror or exc}); it is rebuilt again next time")
         return index
 
     def reconcile(self, index: VectorIndex, backbone_id: int, stored_ids: np.ndarray | None = None) -> bool:
@@ -186,6 +189,7 @@ class Library:
                 index = VectorIndex(dim, generation=_current_generation(self.index_dir))
                 for ids, vectors in store.iter_vectors(session, backbone_id):
                     index.add(ids, vectors)
+            checkpoint("reindex")
             index.save(self.index_dir, name)
             self._index = index
             return index
@@ -193,19 +197,35 @@ class Library:
     # -- locking -------------------------------------------------------------------------------
 
     @contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """One writer per home folder; a second one is refused rather than left to corrupt."""
+    def write_lock(self, wait: float = 0.0) -> Iterator[None]:
+        """One writer per home folder; a second one is refused rather than left to corrupt.
+
+        With `wait` > 0, a busy lock is retried for up to that many seconds (saying so once)
+        before IndexBusy is raised.
+        """
         if self._lock_held:
             yield
             return
         path = self.home / "write.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                raise IndexBusy(f"{self.home} is being written by pid {holder}; try again when it finishes") from None
+            deadline = time.monotonic() + wait
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                    if time.monotonic() >= deadline:
+                        waited = f" (waited {wait:g} s)" if wait > 0 else ""
+                        raise IndexBusy(
+                            f"{self.home} is being written by pid {holder}{waited}; try again when it finishes"
+                        ) from None
+                    if not told:
+                        self.notify(f"waiting up to {wait:g} s for pid {holder} to finish writing {self.home}")
+                        told = True
+                    time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._lock_held = True

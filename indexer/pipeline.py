@@ -10,11 +10,15 @@ run's consistency check repairs: every image ends up indexed exactly once.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -24,10 +28,11 @@ from indexer import store
 from indexer.backbones import Preprocess
 from indexer.decode import ImageInfo, decode_for_model
 from indexer.errors import ImageRejected, LookalikeError
+from indexer.faults import checkpoint
 from indexer.heads.builtin import ensure_builtin_heads
 from indexer.heads.storage import load_heads, write_tags
 from indexer.library import Library
-from indexer.scan import FoundFile, ScanFailure, scan_folder
+from indexer.scan import FoundFile, ScanFailure, escaped_path, is_utf8, scan_folder
 from indexer.store import NewImage
 
 ProgressFn = Callable[[int, int], None]  # (files done, files to process)
@@ -73,6 +78,15 @@ _worker_state: dict = {}
 
 def _init_worker(preprocess: Preprocess, max_pixels: int, max_bytes: int, known_hashes: frozenset[str]) -> None:
     _worker_state.update(preprocess=preprocess, max_pixels=max_pixels, max_bytes=max_bytes, known=known_hashes)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """A killed indexer (kill -9) cannot shut its pool down; its decoders must not linger as orphans."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()  # waits on the parent's sentinel: returns when the parent process is gone
+        os._exit(1)
 
 
 def _decode_chunk(tasks: list[tuple[_Task, bool]]) -> list[_Decoded]:
@@ -92,10 +106,15 @@ def _decode_one(task: _Task, force: bool) -> _Decoded:
     digest = hashlib.blake2b(data, digest_size=20).hexdigest()
     if not force and (digest in state["known"] or digest == task.old_hash):
         return _Decoded(task, content_hash=digest)
+    # Testing hook: LOOKALIKE_FAULTS="decoder:NAME:1=kill" kills the decoder that reaches the file
+    # named NAME, as a codec crashing on a hostile file would (see indexer/faults.py).
+    checkpoint(f"decoder:{os.path.basename(task.path)}")
     try:
         pixels, info = decode_for_model(data, state["preprocess"], max_pixels=state["max_pixels"])
     except ImageRejected as exc:
         return _Decoded(task, content_hash=digest, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - e.g. MemoryError: one file must not stop the run
+        return _Decoded(task, content_hash=digest, error=f"cannot decode image ({type(exc).__name__}: {exc})")
     return _Decoded(task, content_hash=digest, pixels=pixels, info=info)
 
 
@@ -143,7 +162,15 @@ def _plan(library: Library, roots: list[str]) -> _Plan:
 
 # Failures caused by the environment or the settings rather than the bytes: a chmod or a raised
 # limit fixes them without changing size or mtime, so such files are tried again on every run.
-_RETRY_ERRORS = ("permission denied", "cannot read file", "file disappeared", "file too large", "decompression bomb")
+# A decoder crash is retried too: it may have been a kill from outside, or a codec fixed since.
+_RETRY_ERRORS = (
+    "permission denied",
+    "cannot read file",
+    "file disappeared",
+    "file too large",
+    "decompression bomb",
+    "decoder crashed",
+)
 
 
 def _unchanged(previous: store.KnownFile, item: FoundFile) -> bool:
@@ -166,6 +193,8 @@ def index_folders(library: Library, folders: Iterable[str], *, progress: Progres
     """Index every image below `folders`; files that vanished from them are removed."""
     roots = [os.path.abspath(f) for f in folders]
     for root in roots:
+        if not is_utf8(root):  # paths are stored as UTF-8 text
+            raise LookalikeError(f"folder name is not valid UTF-8: {escaped_path(root)} (rename it to index it)")
         if not os.path.isdir(root):
             raise LookalikeError(f"not a folder: {root}")
     return _index(library, roots, lambda: _plan(library, roots), progress)
@@ -218,6 +247,8 @@ def _index(library: Library, roots: list[str], make_plan, progress: ProgressFn |
         if plan.removed_ids:
             with library.sessions.begin() as session:
                 store.delete_images(session, plan.removed_ids)
+                checkpoint("commit")
+            checkpoint("committed")
             index.remove(plan.removed_ids)
             report.removed = len(plan.removed_ids)
         if writer.dirty or plan.removed_ids or index.generation == 0:
@@ -236,30 +267,163 @@ def _run_decoders(library, tasks, preprocess, known_hashes, writer, progress) ->
         return
     workers = settings.decode_workers or os.cpu_count() or 1
     chunks = deque([(t, False) for t in tasks[i : i + _CHUNK]] for i in range(0, total, _CHUNK))
-    # Spawned (not forked) workers: the parent may hold ONNX Runtime or torch thread pools.
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(preprocess, settings.max_image_pixels, settings.max_file_bytes, known_hashes),
-    ) as pool:
-        inflight: deque[Future] = deque()
+    pool = _DecoderPool(workers, (preprocess, settings.max_image_pixels, settings.max_file_bytes, known_hashes))
+    with pool:
         max_inflight = workers * 4  # bounded read-ahead keeps memory flat however large the folder
         done = 0
-        while chunks or inflight:
-            while chunks and len(inflight) < max_inflight:
-                inflight.append(pool.submit(_decode_chunk, chunks.popleft()))
+        while chunks or pool.inflight:
+            while chunks and len(pool.inflight) < max_inflight and pool.submit(chunks[0]):
+                chunks.popleft()
             retries = []
-            for decoded in inflight.popleft().result():
+            for decoded in pool.next_results():
+                checkpoint("decode")
                 retries += writer.add(decoded)
                 done += 1
-            if not chunks and not inflight:
+            if not chunks and not pool.inflight:
                 retries += writer.flush()
             # A file whose twin vanished or changed in this very run is decoded after all.
             done -= len(retries)
             chunks.extend([(t, True)] for t in retries)
             if progress:
                 progress(done, total)
+
+
+_Job = tuple[_Task, bool]  # (task, force)
+
+
+class _DecoderPool:
+    """Decoder processes that outlive a decoder's death.
+
+    When a worker dies (a codec crashing on a hostile file, the OOM killer, a kill), the executor
+    fails every chunk in flight with BrokenProcessPool. Those chunks are then decoded again one
+    file at a time in a separate process, which pins the death on the file(s) that cause it; those
+    are reported as failed ("decoder crashed (signal 11, SIGSEGV)") and the run carries on with a
+    fresh pool. Spawned (not forked) workers: the parent may hold ONNX Runtime or torch thread pools.
+    """
+
+    def __init__(self, workers: int, initargs: tuple):
+        self.workers = workers
+        self.initargs = initargs
+        self.inflight: deque[tuple[Future, list[_Job]]] = deque()
+        self._pool: ProcessPoolExecutor | None = None
+        self._isolated: _IsolatedDecoder | None = None
+
+    def __enter__(self) -> _DecoderPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._isolated is not None:
+            self._isolated.close()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=self.initargs,
+            )
+        return self._pool
+
+    def _drop_broken_pool(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
+    def submit(self, chunk: list[_Job]) -> bool:
+        """False if the pool just broke: next_results() then sorts out the chunks in flight."""
+        try:
+            future = self._executor().submit(_decode_chunk, chunk)
+        except BrokenProcessPool:
+            if self.inflight:
+                return False
+            self._drop_broken_pool()  # a worker died with nothing to do: nothing to re-run
+            future = self._executor().submit(_decode_chunk, chunk)
+        self.inflight.append((future, chunk))
+        return True
+
+    def next_results(self) -> list[_Decoded]:
+        """The oldest chunk's results; after a decoder died, those of every chunk that was in flight."""
+        future, chunk = self.inflight.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            pass
+        results, suspects = [], list(chunk)
+        for future, chunk in self.inflight:
+            try:
+                results += future.result()  # finished before the death
+            except BrokenProcessPool:
+                suspects += chunk
+        self.inflight.clear()
+        self._drop_broken_pool()
+        if self._isolated is None:
+            self._isolated = _IsolatedDecoder(self.initargs)
+        return results + [self._isolated.decode(job) for job in suspects]
+
+
+class _IsolatedDecoder:
+    """One decoder process fed one file at a time: if it dies, that file killed it."""
+
+    def __init__(self, initargs: tuple):
+        self.initargs = initargs
+        self.proc = None
+        self.conn = None
+
+    def _start(self) -> None:
+        ctx = get_context("spawn")
+        self.conn, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=_isolated_worker, args=(child_end, self.initargs), daemon=True)
+        self.proc.start()
+        child_end.close()
+        try:
+            self.conn.recv()  # "ready": it imported everything and ran the initializer
+        except (EOFError, OSError):
+            self.proc.join()
+            raise LookalikeError(f"decoder processes cannot start ({_death(self.proc.exitcode)})") from None
+
+    def decode(self, job: _Job) -> _Decoded:
+        if self.proc is None:
+            self._start()
+        try:
+            self.conn.send(job)
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join()
+            reason = f"decoder crashed ({_death(self.proc.exitcode)})"
+            self.conn.close()
+            self.proc = self.conn = None
+            return _Decoded(job[0], error=reason)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+            self.conn.close()
+            self.proc = self.conn = None
+
+
+def _isolated_worker(conn, initargs: tuple) -> None:
+    _init_worker(*initargs)
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        conn.send(_decode_one(*job))
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {-exitcode}, {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 class _BatchWriter:
@@ -310,6 +474,7 @@ class _BatchWriter:
         items = list(self.ready)
         batch_vectors: dict[str, tuple[np.ndarray, float]] = {}
         if self.to_embed:
+            checkpoint("embed")
             vectors, norms = self.backbone.embed_with_norms(np.stack([d.pixels for d in self.to_embed]))
             self.report.embedded += len(self.to_embed)
             for decoded, vector, norm in zip(self.to_embed, vectors, norms):
@@ -337,6 +502,8 @@ class _BatchWriter:
                     np.stack([r.vector for _, r in tagged]),
                     np.array([np.nan if r.norm is None else r.norm for _, r in tagged], dtype=np.float32),
                 )
+            checkpoint("commit")
+        checkpoint("committed")
         # The database is committed; only now mirror it in memory.
         self.index.remove(replaced)
         indexed = [(image_id, row) for image_id, row in zip(ids, rows) if row.vector is not None]

@@ -50,11 +50,30 @@ def scan_folder(root: str) -> Iterator[FoundFile | ScanFailure]:
         subfolders = []
         for entry in entries:
             item = _inspect(entry, visited)
-            if isinstance(item, str):
+            path = item if isinstance(item, str) else getattr(item, "path", None)
+            if path is not None and not is_utf8(path):
+                # Text columns (and JSON) hold UTF-8 only: store the name with its odd bytes escaped.
+                what = "folder" if isinstance(item, str) else "file"
+                yield ScanFailure(escaped_path(path), f"{what} name is not valid UTF-8 (rename it to index it)")
+            elif isinstance(item, str):
                 subfolders.append(item)
             elif item is not None:
                 yield item
         stack.extend(reversed(subfolders))
+
+
+def is_utf8(path: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Linux allows any), decoded as surrogates."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped_path(path: str) -> str:
+    """`/photos/caf\\xe9.jpg` for a Latin-1 `café.jpg`: printable, storable, stable from run to run."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _inspect(entry: os.DirEntry, visited: set[tuple[int, int]]) -> FoundFile | ScanFailure | str | None:

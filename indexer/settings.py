@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -32,6 +33,25 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="Seconds between a server's checks for a newer index or tags; 0 = never"
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
+    # Comma-separated in the environment; never shown in a repr (keys are secrets).
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="Keys for every route but /health and the web page"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, repr=False, description="Keys for write routes (and every other route)"
+    )
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """`a,b` (the environment) or a list; surrounding spaces and empty entries are dropped."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple | set):
+            return [key.strip() for key in value if isinstance(key, str) and key.strip()]
+        return value
 
     @property
     def resolved_home(self) -> Path:

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from indexer.errors import BackboneMismatch
+from indexer.faults import checkpoint
 
 MANIFEST = "index.json"
 INDEX_TYPE = "IDMap2,Flat"
@@ -120,7 +121,7 @@ class VectorIndex:
         generation = self.generation + 1
         data = faiss.serialize_index(self._index).tobytes()
         name = f"vectors-{generation:06d}.faiss"
-        _atomic_write(folder / name, data)
+        _atomic_write(folder / name, data, fault="index-write")
         manifest = {
             "backbone": backbone,
             "dim": self.dim,
@@ -133,7 +134,7 @@ class VectorIndex:
             "bytes": len(data),
             "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest(),
         }
-        _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode(), fault="manifest-write")
         self.generation = generation
         _remove_stale(folder, keep=name)
         return folder / name
@@ -170,12 +171,27 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, fault: str = "") -> None:
+    """Write a temporary file, fsync it, rename it over `path`; a failed write leaves no partial file.
+
+    `fault` names the checkpoint (indexer.faults) reached halfway through writing the data.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    view, half = memoryview(data), len(data) // 2  # slices of a view copy nothing
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(view[:half])
+            if fault:
+                checkpoint(fault, path)
+            fh.write(view[half:])
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -7,6 +7,10 @@ cd "$repo"
 if [ ! -x /usr/lib/postgresql/15/bin/initdb ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
 fi
+# The web page tests drive Debian's Chromium through Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 [ -d .venv ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
 exec .venv/bin/python -m pytest "$@"

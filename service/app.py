@@ -14,9 +14,10 @@ from starlette.concurrency import run_in_threadpool
 from indexer import __version__
 from indexer.library import Library
 from indexer.settings import Settings, get_settings
+from service.auth import install_auth
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import heads, images, search, system
+from service.routes import heads, images, search, system, web
 
 log = logging.getLogger("lookalike")
 
@@ -68,8 +69,10 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     install_error_handlers(app)
+    install_auth(app, settings.api_keys, settings.admin_keys)  # outermost: refused requests reach nothing
     app.include_router(search.router)
     app.include_router(images.router)
     app.include_router(heads.router)
     app.include_router(system.router)
+    app.include_router(web.router)
     return app

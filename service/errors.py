@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from indexer.errors import BackboneMismatch, ImageRejected, IndexBusy, LookalikeError, NotIndexed, UnsupportedImage
 from indexer.heads.storage import UnknownHead
+
+log = logging.getLogger("lookalike")
+
+INTERNAL_ERROR = "internal error"
 
 _STATUS = [
     (UnsupportedImage, 415),
@@ -24,4 +30,10 @@ def install_error_handlers(app: FastAPI) -> None:
         status = next(code for kind, code in _STATUS if isinstance(exc, kind))
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the server's log, never into the response.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": INTERNAL_ERROR}, status_code=500)
+
     app.add_exception_handler(LookalikeError, handle)
+    app.add_exception_handler(Exception, internal)

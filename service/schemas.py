@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 
 class TagOut(BaseModel):
@@ -57,9 +57,50 @@ class ImageOut(BaseModel):
     status: str
     error: str | None
     indexed_at: datetime
+    tags: list[TagOut] = []  # every head's tags, strongest first within a head
+
+    @field_validator("indexed_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        """Stored in UTC; SQLite hands it back without a zone, which is not an RFC 3339 date-time."""
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class HealthOut(BaseModel):
     status: str
     images: int
     backbone: str | None
+
+
+class ErrorOut(BaseModel):
+    """Every error but a request that fails validation: one human-readable message."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """422: the request's parameters failed validation (a list of issues), or the image is damaged (a message)."""
+
+    detail: str | list[ValidationIssue]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error status codes (each with its JSON error body)."""
+    descriptions = {
+        400: "Malformed request body",
+        404: "Not found",
+        409: "The index is busy or belongs to another backbone",
+        413: "Request body over the upload limit",
+        415: "Not an image, or not a multipart/form-data body",
+        422: "Invalid parameters, or a damaged image",
+    }
+    return {
+        code: {"model": ValidationErrorOut if code == 422 else ErrorOut, "description": descriptions[code]}
+        for code in codes
+    }

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from indexer import store
 from indexer.decode import decode_for_model
 from indexer.errors import ImageRejected
+from indexer.faults import checkpoint
 from indexer.heads.labels import LabelError, LabelSet
 from indexer.heads.metrics import evaluate
 from indexer.heads.plots import save_plots
@@ -122,6 +123,7 @@ def train(
     _write_json(report_dir / "report.json", report)
     backbone_id = _backbone_id(library)
     with library.sessions.begin() as session:
+        checkpoint("head-save")
         save_head(session, result.head, backbone_id, metrics=report, report_dir=str(report_dir))
     tagged = tag_all(library, [name])
     log(f"tagged {tagged} images with head {name!r}")
@@ -156,6 +158,7 @@ def tag_all(library: Library, names: list[str] | None = None, *, progress=None) 
             for ids, vectors, norms in store.iter_vectors(reader, backbone_id, norms=True):
                 with library.sessions.begin() as session:
                     written += write_tags(session, heads, ids, vectors, norms)
+                    checkpoint("tag")
                 done += len(ids)
                 if progress:
                     progress(done, total)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
 
 from indexer.heads.storage import list_heads
 from indexer.heads.workflow import head_report
 from service.deps import LibraryDep
-from service.schemas import HeadOut, HeadSummary
+from service.schemas import HeadOut, HeadSummary, error_responses
 
 router = APIRouter(tags=["heads"])
+
+# The plots `heads train` saves beside a head's report; no other name is ever served.
+PLOT_FILES = ("loss.png", "confusion_matrix.png", "precision_recall.png")
 
 
 @router.get("/tags", response_model=dict[str, dict[str, int]])
@@ -27,6 +33,22 @@ def heads(library: LibraryDep) -> list[dict]:
         ]
 
 
-@router.get("/heads/{name}", response_model=HeadOut)
+@router.get("/heads/{name}", response_model=HeadOut, responses=error_responses(404))
 def head(library: LibraryDep, name: str) -> dict:
     return head_report(library, name)
+
+
+@router.get(
+    "/heads/{name}/plots/{file}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown head or plot"}},
+)
+def head_plot(library: LibraryDep, name: str, file: str):
+    """One of the plots saved when the head was trained: loss.png, confusion_matrix.png or precision_recall.png."""
+    if file not in PLOT_FILES:
+        raise HTTPException(status_code=404, detail=f"no plot named {file!r}; plots are {', '.join(PLOT_FILES)}")
+    report_dir = head_report(library, name)["report_dir"]  # an unknown head is a 404 too
+    path = Path(report_dir) / file if report_dir else None
+    if path is None or not path.is_file():
+        raise HTTPException(status_code=404, detail=f"head {name!r} has no {file}")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})

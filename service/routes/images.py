@@ -5,23 +5,26 @@ from __future__ import annotations
 import mimetypes
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, StreamingResponse
 
 from indexer import store
 from indexer.decode import make_thumbnail
 from indexer.errors import ImageRejected, NotIndexed
+from indexer.heads.storage import tags_of
 from indexer.library import Library
 from indexer.search import search_similar
 from service.deps import LibraryDep
 from service.filters import TagFilterDep
 from service.routes.search import MAX_K
-from service.schemas import ImageOut, SearchOut
+from service.safe_files import open_indexed_file
+from service.schemas import ImageOut, SearchOut, error_responses
 
-router = APIRouter(prefix="/images", tags=["images"])
+router = APIRouter(prefix="/images", tags=["images"], responses=error_responses(404, 422))
 
 _MEDIA_TYPES = {
     "JPEG": "image/jpeg",
@@ -32,6 +35,14 @@ _MEDIA_TYPES = {
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
     "HEIF": "image/heif",
+}
+
+FILE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "The file's bytes",
+        "content": {media_type: {} for media_type in sorted(set(_MEDIA_TYPES.values()))}
+        | {"application/octet-stream": {}},
+    }
 }
 
 
@@ -54,8 +65,11 @@ def _indexed_row(library: Library, image_id: int):
 
 
 @router.get("/{image_id}", response_model=ImageOut)
-def image_metadata(library: LibraryDep, image_id: ImageId):
-    return _indexed_row(library, image_id)
+def image_metadata(library: LibraryDep, image_id: ImageId) -> dict:
+    row = _indexed_row(library, image_id)
+    with library.sessions() as session:
+        tags = tags_of(session, [image_id])[image_id]
+    return {**{name: getattr(row, name) for name in ImageOut.model_fields if name != "tags"}, "tags": tags}
 
 
 @router.get("/{image_id}/similar", response_model=SearchOut)
@@ -65,40 +79,56 @@ def similar_images(
     return search_similar(library, image_id, k, tag_filter).to_json()
 
 
-@router.get("/{image_id}/file", response_class=FileResponse)
+@router.get("/{image_id}/file", response_class=StreamingResponse, responses=FILE_RESPONSES)
 def original_file(library: LibraryDep, image_id: ImageId):
+    """The original bytes: only for an indexed image whose file still lies inside an indexed folder."""
     row = _indexed_row(library, image_id)
-    if row.status != store.STATUS_INDEXED or not os.path.isfile(row.path):
-        raise NotIndexed(f"image {image_id} has no indexed file to serve")
+    fh = open_indexed_file(library, row)
+    size = os.fstat(fh.fileno()).st_size
     media_type = _MEDIA_TYPES.get(row.format or "") or mimetypes.guess_type(row.path)[0] or "application/octet-stream"
-    return FileResponse(row.path, media_type=media_type)
+    return StreamingResponse(_chunks(fh), media_type=media_type, headers={"Content-Length": str(size)})
 
 
-@router.get("/{image_id}/thumbnail", response_class=Response)
+def _chunks(fh: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(size):
+            yield chunk
+
+
+@router.get(
+    "/{image_id}/thumbnail",
+    response_class=FileResponse,
+    responses={200: {"description": "A JPEG thumbnail", "content": {"image/jpeg": {}}}},
+)
 def thumbnail(library: LibraryDep, image_id: ImageId):
+    """An upright JPEG thumbnail; the same rules as /file (a cached one is not served for a file gone astray)."""
     row = _indexed_row(library, image_id)
-    if row.status != store.STATUS_INDEXED:
-        raise NotIndexed(f"image {image_id} has no indexed file to serve")
     size = library.settings.thumbnail_size
     cached = library.home / "thumbnails" / f"{image_id}-{row.content_hash}-{size}.jpg"
-    if not cached.is_file():
-        try:
-            data = Path(row.path).read_bytes()
-        except OSError:
-            raise NotIndexed(f"the file of image {image_id} is no longer readable") from None
-        try:
-            jpeg = make_thumbnail(data, size, max_pixels=library.settings.max_image_pixels)
-        except ImageRejected as exc:
-            raise NotIndexed(f"image {image_id} can no longer be decoded: {exc}") from None
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary file of its own per request: concurrent first requests for one image
-        # must not write into, or rename away, each other's half-written file.
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(jpeg)
-            os.replace(tmp, cached)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with open_indexed_file(library, row) as fh:
+        if not cached.is_file():
+            try:
+                data = fh.read()
+            except OSError:
+                raise NotIndexed(f"the file of image {image_id} is no longer readable") from None
+            _write_thumbnail(library, image_id, data, cached)
     return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+def _write_thumbnail(library: Library, image_id: int, data: bytes, cached: Path) -> None:
+    size = library.settings.thumbnail_size
+    try:
+        jpeg = make_thumbnail(data, size, max_pixels=library.settings.max_image_pixels)
+    except ImageRejected as exc:
+        raise NotIndexed(f"image {image_id} can no longer be decoded: {exc}") from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary file of its own per request: concurrent first requests for one image
+    # must not write into, or rename away, each other's half-written file.
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(jpeg)
+        os.replace(tmp, cached)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,438 @@
+"""`lookalike backup` and `lookalike restore`: a consistent snapshot of database and index, taken
+while a real `lookalike serve` answers queries and a real `lookalike index` run writes, restored
+into a fresh home with identical search results; SQLite and PostgreSQL homes alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import ImageOps
+from sqlalchemy import create_engine, text
+
+from conftest import SAMPLES, cli_command
+from indexer.backup import BackupError, backup_home, read_backup, restore_home
+from indexer.database import current_revision, make_engine
+from indexer.library import Library
+from indexer.pipeline import index_folders
+from indexer.search import search_image
+from indexer.settings import Settings
+from indexer.vector_index import VectorIndex, read_manifest
+from postgres_server import throwaway_cluster
+
+BACKBONE, DIM = "efficientnet-lite0", 1280
+
+pytestmark = pytest.mark.slow
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(home: Path, model_cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache))
+    return env
+
+
+def _run(args: list[str], home: Path, model_cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli_command(*args), env=_env(home, model_cache), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _copy_photos(sources: list[Path], folder: Path, mirrored: bool = False) -> list[Path]:
+    from PIL import Image
+
+    out = []
+    for path in sources:
+        dest = folder / path.parent.name / (("m-" if mirrored else "") + path.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if mirrored:
+            with Image.open(path) as img:
+                ImageOps.mirror(img.convert("RGB")).save(dest, "JPEG", quality=90)
+        else:
+            shutil.copy2(path, dest)
+        out.append(dest)
+    return out
+
+
+def _db_snapshot(url: str) -> dict:
+    """Every row that matters, keyed by path (ids may differ only where we say so)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            images = conn.execute(
+                text("SELECT id, path, size, mtime_ns, content_hash, status FROM images ORDER BY path")
+            ).all()
+            vectors = dict(
+                conn.execute(text("SELECT i.path, e.vector FROM images i JOIN embeddings e ON e.image_id = i.id")).all()
+            )
+            tags = conn.execute(
+                text(
+                    "SELECT i.path, h.name, t.label, t.score FROM tags t JOIN images i ON i.id = t.image_id "
+                    "JOIN heads h ON h.id = t.head_id ORDER BY 1, 2, 3"
+                )
+            ).all()
+            heads = conn.execute(text("SELECT name, kind, labels, thresholds FROM heads ORDER BY name")).all()
+    finally:
+        engine.dispose()
+    return {
+        "images": [tuple(r) for r in images],
+        "vectors": {p: bytes(v) for p, v in vectors.items()},
+        "tags": [(p, h, label, round(float(s), 6)) for p, h, label, s in tags],
+        "heads": [(n, k, json.dumps(lab) if not isinstance(lab, str) else lab, str(t)) for n, k, lab, t in heads],
+    }
+
+
+def _embedding_ids_sqlite(db: Path) -> set[int]:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return {row[0] for row in conn.execute("SELECT image_id FROM embeddings")}
+
+
+def _ranking(library: Library, queries: list[Path], k: int = 8) -> list[list[tuple[str, float]]]:
+    return [[(r.path, r.score) for r in search_image(library, q.read_bytes(), k).results] for q in queries]
+
+
+def _assert_same_rankings(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert [p for p, _ in g] == [p for p, _ in w]
+        assert np.allclose([s for _, s in g], [s for _, s in w], atol=1e-6)
+
+
+def _assert_backup_agrees(dest: Path) -> dict:
+    """The backup's own database and index agree, and backup.json describes them."""
+    info = read_backup(dest)
+    db = dest / "lookalike.db"
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one self-contained file
+        images = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    assert not (dest / "lookalike.db-wal").exists()
+    index = VectorIndex.load(dest / "index", BACKBONE, DIM)
+    ids = index.ids().tolist()
+    assert len(ids) == len(set(ids)) and set(ids) == _embedding_ids_sqlite(db)
+    assert info["counts"]["images"] == images and info["counts"]["embeddings"] == len(ids)
+    assert info["index"]["vectors"] == len(ids) and info["backbone"] == BACKBONE
+    assert info["schema_revision"] == current_revision(make_engine(f"sqlite:///{db}"))
+    assert sorted(p.name for p in (dest / "index").iterdir()) == ["index.json", info["index"]["file"]]
+    return info
+
+
+# -- a served home, backed up while it answers queries and while an index run writes -------------------
+
+
+@pytest.fixture
+def served(tmp_path, model_cache):
+    """A home with 40 indexed photos, a real `lookalike serve` on it; yields (home, client, photos)."""
+    samples = sorted(SAMPLES.rglob("*.jpg"))
+    photos = _copy_photos(samples[::2], tmp_path / "photos")
+    home = tmp_path / "home"
+    first = _run(["index", str(tmp_path / "photos"), "-q"], home, model_cache)
+    assert first.returncode == 0, first.stderr
+    port = _free_port()
+    server = subprocess.Popen(
+        cli_command("serve", "--port", str(port)),
+        env={**_env(home, model_cache), "LOOKALIKE_RELOAD_INTERVAL": "0.3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.25)
+        yield home, client, photos
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+class Queries(threading.Thread):
+    """Keeps querying the server (upload search and similar-by-id) until stopped; records every answer."""
+
+    def __init__(self, client: httpx.Client, photos: list[Path]):
+        super().__init__(daemon=True)
+        self.client, self.photos = client, photos
+        self.stop = threading.Event()
+        self.answered = 0
+        self.problems: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            photo = self.photos[n % len(self.photos)]
+            n += 1
+            try:
+                got = self.client.post("/search?k=3", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+                if got.status_code != 200:
+                    self.problems.append(f"search {got.status_code}: {got.text[:200]}")
+                    continue
+                results = got.json()["results"]
+                if results[0]["path"] != str(photo) or results[0]["score"] < 0.999:
+                    self.problems.append(f"search for {photo} answered {results[0]}")
+                similar = self.client.get(f"/images/{results[0]['id']}/similar?k=3")
+                if similar.status_code != 200 or len(similar.json()["results"]) != 3:
+                    self.problems.append(f"similar {similar.status_code}: {similar.text[:200]}")
+                self.answered += 1
+            except httpx.HTTPError as exc:
+                self.problems.append(f"{type(exc).__name__}: {exc}")
+
+
+def _committed(home: Path) -> int:
+    try:
+        with closing(sqlite3.connect(f"file:{home / 'lookalike.db'}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_cache):
+    home, client, photos = served
+    more = _copy_photos(sorted(SAMPLES.rglob("*.jpg"))[::2], tmp_path / "more", mirrored=True)
+    queries = Queries(client, photos[::5])
+    queries.start()
+    try:
+        # An index run holds the write lock; the backup started meanwhile waits for it, then copies
+        # the finished state (never half of the run).
+        indexing = subprocess.Popen(
+            cli_command("index", str(tmp_path / "more"), "--batch-size", "4", "-q"),
+            env=_env(home, model_cache),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while _committed(home) <= 40:
+            assert indexing.poll() is None, indexing.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        dest = tmp_path / "backup"
+        taken = _run(["backup", str(dest), "--wait", "240"], home, model_cache)
+        assert indexing.wait(timeout=240) == 0, indexing.stderr.read()
+        assert taken.returncode == 0, taken.stderr
+        assert "Traceback" not in taken.stderr and "error" not in taken.stderr
+        time.sleep(1.0)  # queries keep being answered after the backup, too
+    finally:
+        queries.stop.set()
+        queries.join(timeout=120)
+    assert queries.problems == [], queries.problems[:5]
+    assert queries.answered >= 3, queries.answered
+
+    info = _assert_backup_agrees(dest)
+    assert info["counts"]["images"] == info["counts"]["embeddings"] == 80  # the whole index run, not part of it
+    assert info["index"]["source"] == "copied"
+    assert info["source"]["database"] == f"sqlite:///{home / 'lookalike.db'}"
+    assert "backed up 80 images (80 embeddings, 1 heads," in taken.stderr
+
+    # Restore into a fresh home: the same rows, the same index, the same answers.
+    fresh = tmp_path / "fresh"
+    restored = _run(["restore", str(dest)], fresh, model_cache)
+    assert restored.returncode == 0 and "restored 80 images and an index of 80 vectors" in restored.stderr, (
+        restored.stderr
+    )
+    assert "note:" not in restored.stderr  # the restored index needed no repair
+    want = _db_snapshot(f"sqlite:///{home / 'lookalike.db'}")
+    got = _db_snapshot(f"sqlite:///{fresh / 'lookalike.db'}")
+    assert got == want
+    original = Library(Settings(home=home, model_cache=model_cache))
+    copy = Library(Settings(home=fresh, model_cache=model_cache))
+    sample = photos[::7] + more[::9]
+    _assert_same_rankings(_ranking(copy, sample), _ranking(original, sample))
+    assert set(copy.index().ids().tolist()) == set(original.index().ids().tolist())
+    original.close()
+    copy.close()
+
+    # Restoring over a home that holds data is refused, and changes nothing.
+    again = _run(["restore", str(dest)], fresh, model_cache)
+    assert again.returncode == 1
+    assert "is not empty (80 images" in again.stderr and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert _db_snapshot(f"sqlite:///{fresh / 'lookalike.db'}") == want
+
+
+def test_restore_force_replaces_another_library(tmp_path, model_cache):
+    samples = sorted(SAMPLES.rglob("*.jpg"))
+    _copy_photos(samples[:12], tmp_path / "a")
+    _copy_photos(samples[40:45], tmp_path / "b")
+    home_a, home_b = tmp_path / "home-a", tmp_path / "home-b"
+    library = Library(Settings(home=home_a, model_cache=model_cache))
+    index_folders(library, [str(tmp_path / "a")])
+    (home_a / "heads" / "imagenet").mkdir(parents=True)  # as if it had a training report
+    (home_a / "heads" / "imagenet" / "report.json").write_text("{}")
+    with library.sessions.begin() as session:
+        session.execute(text("UPDATE heads SET report_dir = :d"), {"d": str(home_a / "heads" / "imagenet")})
+    info = backup_home(library, tmp_path / "backup")
+    library.close()
+    assert info["counts"]["images"] == 12
+    other = Library(Settings(home=home_b, model_cache=model_cache))
+    index_folders(other, [str(tmp_path / "b")])
+    other.close()
+    before = (home_b / "lookalike.db").read_bytes()
+
+    refused = _run(["restore", str(tmp_path / "backup")], home_b, model_cache)
+    assert refused.returncode == 1 and "is not empty (5 images" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert _db_snapshot(f"sqlite:///{home_b / 'lookalike.db'}")["images"][0][1].startswith(str(tmp_path / "b"))
+    assert len(before) > 0
+
+    forced = _run(["restore", str(tmp_path / "backup"), "--force"], home_b, model_cache)
+    assert forced.returncode == 0, forced.stderr
+    assert _db_snapshot(f"sqlite:///{home_b / 'lookalike.db'}") == _db_snapshot(f"sqlite:///{home_a / 'lookalike.db'}")
+    with closing(sqlite3.connect(home_b / "lookalike.db")) as conn:
+        assert conn.execute("SELECT report_dir FROM heads").fetchall() == [(str(home_b / "heads" / "imagenet"),)]
+    assert (home_b / "heads" / "imagenet" / "report.json").read_text() == "{}"
+    manifest = read_manifest(home_b / "index")
+    assert manifest["count"] == 12 and sorted(p.name for p in (home_b / "index").glob("*.faiss")) == [manifest["file"]]
+    # The restored home carries on: a later index run of its folder changes nothing, one of the
+    # other folder adds to it.
+    rerun = _run(["index", str(tmp_path / "a"), "-q"], home_b, model_cache)
+    assert rerun.returncode == 0 and "added 0, updated 0, removed 0, unchanged 12" in rerun.stderr, rerun.stderr
+    notes: list[str] = []
+    restored = Library(Settings(home=home_b, model_cache=model_cache), notify=notes.append)
+    assert len(restored.index()) == 12 and notes == []
+    restored.close()
+
+
+def test_backup_waits_for_the_write_lock_then_gives_up_clearly(tmp_path, model_cache):
+    photos = _copy_photos(sorted(SAMPLES.rglob("*.jpg"))[:6], tmp_path / "photos")
+    home = tmp_path / "home"
+    library = Library(Settings(home=home, model_cache=model_cache))
+    index_folders(library, [str(tmp_path / "photos")])
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with library.write_lock():
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held.wait(10)
+    try:
+        gave_up = _run(["backup", str(tmp_path / "b1"), "--wait", "1"], home, model_cache)
+        assert gave_up.returncode == 1, gave_up.stderr
+        assert f"waiting up to 1 s for pid {os.getpid()}" in gave_up.stderr
+        assert f"is being written by pid {os.getpid()} (waited 1 s)" in gave_up.stderr
+        assert "hint: give --wait more seconds" in gave_up.stderr and "Traceback" not in gave_up.stderr
+        assert not (tmp_path / "b1" / "backup.json").exists()
+
+        waiting = subprocess.Popen(
+            cli_command("backup", str(tmp_path / "b2"), "--wait", "120"),
+            env=_env(home, model_cache),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(4)
+        assert waiting.poll() is None  # still waiting for the lock
+    finally:
+        release.set()
+        thread.join()
+    _, stderr = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, stderr
+    assert f"waiting up to 120 s for pid {os.getpid()}" in stderr and "backed up 6 images" in stderr
+    _assert_backup_agrees(tmp_path / "b2")
+    # A folder left by the failed attempt is empty, so it can take the next backup.
+    assert _run(["backup", str(tmp_path / "b1")], home, model_cache).returncode == 0
+    refused = _run(["backup", str(tmp_path / "b1")], home, model_cache)
+    assert refused.returncode == 1 and "is not an empty folder" in refused.stderr
+    not_a_backup = _run(["restore", str(tmp_path / "photos")], tmp_path / "h2", model_cache)
+    assert not_a_backup.returncode == 1 and "is not a lookalike backup" in not_a_backup.stderr
+    assert len(photos) == 6
+    library.close()
+
+
+def test_a_stale_bundle_is_rebuilt_in_the_backup(tmp_path, model_cache):
+    """The home's bundle lags behind its database (a kill between commit and save): the backup's
+    index is rebuilt from the copied embeddings, so the backup agrees with itself."""
+    samples = sorted(SAMPLES.rglob("*.jpg"))
+    _copy_photos(samples[:6], tmp_path / "photos")
+    home = tmp_path / "home"
+    library = Library(Settings(home=home, model_cache=model_cache))
+    index_folders(library, [str(tmp_path / "photos")])
+    shutil.copytree(home / "index", tmp_path / "old-bundle")
+    _copy_photos(samples[20:24], tmp_path / "photos")
+    index_folders(library, [str(tmp_path / "photos")])
+    library.close()
+    shutil.rmtree(home / "index")
+    shutil.copytree(tmp_path / "old-bundle", home / "index")
+
+    library = Library(Settings(home=home, model_cache=model_cache))  # the index not opened: no repair yet
+    info = backup_home(library, tmp_path / "backup")
+    library.close()
+    assert info["index"]["source"] == "rebuilt" and info["index"]["vectors"] == 10
+    _assert_backup_agrees(tmp_path / "backup")
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+
+
+def test_backup_and_restore_with_postgresql(tmp_path, model_cache):
+    samples = sorted(SAMPLES.rglob("*.jpg"))
+    _copy_photos(samples[::4], tmp_path / "photos")
+    queries = sorted((tmp_path / "photos").rglob("*.jpg"))[::4]
+    with throwaway_cluster() as url:
+        restored_url = url.rsplit("/", 1)[0] + "/restored"
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("CREATE DATABASE restored"))
+        admin.dispose()
+
+        source = Library(Settings(home=tmp_path / "pg-home", database_url=url, model_cache=model_cache))
+        index_folders(source, [str(tmp_path / "photos")])
+        want = _ranking(source, queries)
+        info = backup_home(source, tmp_path / "backup")
+        source.close()
+        assert info["source"]["database"] == url and info["counts"]["images"] == 20
+        assert info["schema_revision"] == current_revision(make_engine(url))
+        _assert_backup_agrees(tmp_path / "backup")
+
+        # Into a fresh SQLite home.
+        result = restore_home(
+            Settings(home=tmp_path / "sqlite-home", model_cache=model_cache), tmp_path / "backup", notify=print
+        )
+        assert result["images"] == 20 and result["vectors"] == 20 and result["repairs"] == []
+        copy = Library(Settings(home=tmp_path / "sqlite-home", model_cache=model_cache))
+        _assert_same_rankings(_ranking(copy, queries), want)
+        copy.close()
+
+        # Into another PostgreSQL database: refused when it holds data, replaced with force.
+        target = Settings(home=tmp_path / "pg-restored", database_url=restored_url, model_cache=model_cache)
+        result = restore_home(target, tmp_path / "backup", notify=print)
+        assert result["images"] == 20 and result["repairs"] == []
+        assert _db_snapshot(restored_url) == _db_snapshot(url)
+        with pytest.raises(BackupError, match="is not empty"):
+            restore_home(target, tmp_path / "backup", notify=print)
+        restore_home(target, tmp_path / "backup", force=True, notify=print)
+        assert _db_snapshot(restored_url) == _db_snapshot(url)
+
+        # The restored database keeps numbering after the restored ids (sequences were reset).
+        library = Library(target)
+        _assert_same_rankings(_ranking(library, queries), want)
+        _copy_photos(samples[1:3], tmp_path / "later")
+        added = index_folders(library, [str(tmp_path / "later")])
+        assert added.added == 2 and len(library.index()) == 22
+        library.close()

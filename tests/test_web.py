@@ -1,0 +1,629 @@
+"""The web page end to end: Debian's Chromium, driven by Playwright, against a real `lookalike serve`.
+
+One home folder per module: 20 of the shipped CC0 photos (2 per class, in `tops/` and `other/`
+folders) plus one corrupt file, indexed with the real pipeline and ONNX model, and a binary head
+`garment` (tops vs other) trained on them, so the facets, the heads view and the status view all
+have real content. Every assertion about results compares the grid with the API's own answer
+for the same query, fetched separately over HTTP.
+
+Screenshots of the main states go to the test's temporary folder and to test-output/web/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+from sqlalchemy import select
+
+from conftest import REPO, SAMPLES, cli_command
+from indexer.heads import labels as label_io
+from indexer.heads.training import TrainOptions
+from indexer.heads.workflow import train
+from indexer.library import Library
+from indexer.models import ImageRow
+from indexer.pipeline import index_folders
+from indexer.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOPS = {"dress", "longsleeve", "outwear", "shirt", "t-shirt"}
+K = 24  # the page's default number of results
+FACET_VISIBLE = 12  # labels a head shows before "Show all"
+SCREENSHOTS_COPY = REPO / "test-output" / "web"
+API_KEY = "web-test-key"
+
+
+@dataclass
+class Home:
+    settings: Settings
+    photos: Path
+    ids: dict[str, int]  # absolute path -> image id
+    corrupt: Path
+
+    def id_of(self, path: Path) -> int:
+        return self.ids[str(path)]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, model_cache) -> Iterator[Home]:
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("LOOKALIKE_"):
+                mp.delenv(key)
+        root = tmp_path_factory.mktemp("web")
+        photos = root / "photos"
+        for path in sorted(SAMPLES.rglob("*.jpg"))[::4]:
+            group = "tops" if path.parent.name in TOPS else "other"
+            dest = photos / group / path.parent.name / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        corrupt = photos / "corrupt.jpg"  # beside the class folders: indexed (and failed), not a label
+        corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+
+        settings = Settings(home=root / "home", model_cache=model_cache)
+        library = Library(settings)
+        try:
+            report = index_folders(library, [str(photos)])
+            assert report.added == 20 and [p for p, _ in report.failed] == [str(corrupt)]
+            labels = label_io.finalise(label_io.read_folders(photos, "binary"), positive="tops")
+            train(library, "garment", labels, TrainOptions(seed=0))
+            with library.sessions() as session:
+                ids = {row.path: row.id for row in session.scalars(select(ImageRow)) if row.status == "indexed"}
+        finally:
+            library.close()
+        yield Home(settings, photos, ids, corrupt)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory) -> Iterator[str]:
+    """`lookalike serve` in its own process, configured through the environment."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+    env.update(LOOKALIKE_HOME=str(home.settings.home), LOOKALIKE_MODEL_CACHE=str(home.settings.model_cache))
+    log = tmp_path_factory.mktemp("web-server") / "serve.log"
+    log_file = open(log, "wb")
+    proc = subprocess.Popen(
+        cli_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not come up: {log.read_text(errors='replace')}"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).is_file(), "Debian's chromium is needed: apt-get install -y chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def snap(page: Page, shots: Path, name: str, *, full_page: bool = True) -> None:
+    """A screenshot in the test's folder, copied to test-output/web/ for people to look at."""
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    SCREENSHOTS_COPY.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, SCREENSHOTS_COPY / path.name)
+
+
+class Watched:
+    """A page plus what it did: uncaught errors, console errors, requests leaving the server."""
+
+    def __init__(self, page: Page, base: str):
+        self.page = page
+        self.errors: list[str] = []
+        self.console_errors: list[str] = []
+        self.foreign: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on("console", lambda msg: msg.type == "error" and self.console_errors.append(msg.text))
+
+        def on_request(request) -> None:
+            url = request.url
+            if not (url.startswith(base + "/") or url.startswith(("blob:", "data:"))):
+                self.foreign.append(url)
+
+        page.on("request", on_request)
+
+    def check(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.console_errors == [], self.console_errors
+        assert self.foreign == [], f"the page reached outside its server: {self.foreign}"
+
+
+@pytest.fixture
+def watched(browser, server) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    watch = Watched(page, server)
+    yield watch
+    context.close()
+    watch.check()
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def grid_ids(page: Page) -> list[int]:
+    return page.eval_on_selector_all("#results > li.card", "items => items.map(li => Number(li.dataset.id))")
+
+
+def wait_for_grid(page: Page, expected: list[int]) -> None:
+    """Until the grid shows exactly `expected`, in order, and the search is done."""
+    try:
+        page.wait_for_function(
+            """ids => document.body.dataset.search === "done" &&
+                JSON.stringify([...document.querySelectorAll("#results > li.card")].map(li => Number(li.dataset.id)))
+                === JSON.stringify(ids)""",
+            arg=expected,
+            timeout=20_000,
+        )
+    except Exception:
+        pass  # the assertion below says what the grid shows instead
+    assert grid_ids(page) == expected
+
+
+def wait_for_images(page: Page, selector: str) -> None:
+    page.wait_for_function(
+        "sel => { const imgs = [...document.querySelectorAll(sel)];"
+        " return imgs.length > 0 && imgs.every(img => img.complete && img.naturalWidth > 0); }",
+        arg=selector,
+    )
+
+
+def ids_of(payload: dict) -> list[int]:
+    return [r["id"] for r in payload["results"]]
+
+
+def upload_answer(http: httpx.Client, path: Path, **filters) -> dict:
+    response = http.post("/search", params={"k": K, **filters}, files={"file": (path.name, path.read_bytes())})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def similar_answer(http: httpx.Client, image_id: int, **filters) -> dict:
+    response = http.get(f"/images/{image_id}/similar", params={"k": K, **filters})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def url_query(page: Page) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(page.url).query)
+
+
+def facet_button(page: Page, verb: str, head: str, label: str):
+    """A facet's button, opening its head's group (and finding the label) when it is folded away."""
+    group = page.locator(f'details.facet[data-head="{head}"]')
+    if group.get_attribute("open") is None:
+        group.locator("summary").click()
+    find = group.locator(".facet-find")
+    if find.count():  # a long list: the first labels only, then just those matching what is typed
+        rows = group.locator(".facet-row")
+        assert group.locator(".facet-row:visible").count() == min(rows.count(), FACET_VISIBLE) < rows.count()
+        find.fill(label)
+        visible = group.locator(".facet-row:visible .facet-label").all_inner_texts()
+        assert label in visible and all(label in text for text in visible), visible
+    return page.get_by_role("button", name=f"{verb} {label} ({head})", exact=True)
+
+
+def query_photo(home: Home) -> Path:
+    return sorted(home.photos.rglob("*.jpg"))[5]
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+
+
+def test_upload_then_include_and_exclude_filters(watched, server, http, home, shots):
+    page = watched.page
+    page.goto(server + "/")
+    page.wait_for_selector(".facet-btn")
+    assert page.title() == "lookalike"
+
+    photo = query_photo(home)
+    page.set_input_files("#file-input", str(photo))
+    unfiltered = upload_answer(http, photo)
+    wait_for_grid(page, ids_of(unfiltered))
+    first = page.locator("#results > li.card").first
+    assert int(first.get_attribute("data-id")) == home.id_of(photo)
+    assert float(first.get_attribute("data-score")) == pytest.approx(1.0, abs=1e-4)
+    assert first.locator(".badge").inner_text() == "same image"
+    # The query shows beside the results; the URL cannot hold an upload, so it stays bare.
+    assert page.locator("#query").is_visible() and photo.name in page.locator("#query-caption").inner_text()
+    assert "similar" not in url_query(page)
+    # Each card: thumbnail with alt text, score, tags.
+    wait_for_images(page, "#results .card-open img")
+    alt = first.locator("img").get_attribute("alt")
+    assert alt.startswith(photo.name)
+    assert first.locator(".score").inner_text() == f"{unfiltered['results'][0]['score']:.3f}"
+    top_tag = max(unfiltered["results"][0]["tags"], key=lambda t: t["score"])
+    assert top_tag["label"] in first.locator(".tags").inner_text()
+    snap(page, shots, "01-upload")
+
+    # Include: garment:tops. The grid becomes the API's answer for the same filter.
+    facet_button(page, "Include", "garment", "tops").click()
+    included = upload_answer(http, photo, tag="garment:tops")
+    assert ids_of(included) != ids_of(unfiltered) and included["results"]
+    assert all(any(t["head"] == "garment" and t["label"] == "tops" for t in r["tags"]) for r in included["results"])
+    wait_for_grid(page, ids_of(included))
+    assert url_query(page) == {"tag": ["garment:tops"]}
+    assert page.get_by_role("button", name="Include tops (garment)", exact=True).get_attribute("aria-pressed") == "true"
+
+    # Exclude the commonest ImageNet label among those results (but not one all of them carry).
+    counts = Counter(t["label"] for r in included["results"] for t in r["tags"] if t["head"] == "imagenet")
+    label = next(lbl for lbl, n in counts.most_common() if n < len(included["results"]))
+    facet_button(page, "Exclude", "imagenet", label).click()
+    both = upload_answer(http, photo, tag="garment:tops", not_tag=f"imagenet:{label}")
+    assert both["results"] and len(both["results"]) == len(included["results"]) - counts[label]
+    assert not any(t["head"] == "imagenet" and t["label"] == label for r in both["results"] for t in r["tags"])
+    wait_for_grid(page, ids_of(both))
+    assert url_query(page) == {"tag": ["garment:tops"], "not_tag": [f"imagenet:{label}"]}
+    chips = page.locator("#active-filters .chip")
+    assert chips.count() == 2
+    wait_for_images(page, "#results .card-open img")
+    snap(page, shots, "02-filtered")
+
+    # Removing the include filter (its chip) re-runs the upload with the exclusion alone.
+    page.get_by_role("button", name="Remove filter: include garment:tops").click()
+    wait_for_grid(page, ids_of(upload_answer(http, photo, not_tag=f"imagenet:{label}")))
+    assert url_query(page) == {"not_tag": [f"imagenet:{label}"]}
+
+    # The minimum-score slider: keyboard steps, then the grid follows min_score.
+    page.locator("#min-score").focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")  # 4 x 0.05
+    page.wait_for_function("() => new URLSearchParams(location.search).get('min_score') === '0.2'")
+    wait_for_grid(page, ids_of(upload_answer(http, photo, not_tag=f"imagenet:{label}", min_score=0.2)))
+
+
+def test_paste_and_drop_an_image(watched, server, http, home):
+    page = watched.page
+    page.goto(server + "/")
+    page.locator(".facet-btn").first.wait_for()
+    photos = sorted(home.photos.rglob("*.jpg"))
+    event_js = """([kind, name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+        const event = kind === "paste"
+            ? new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true })
+            : new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true });
+        (kind === "paste" ? document.body : document.querySelector("#dropzone")).dispatchEvent(event);
+    }"""
+    for kind, photo in (("paste", photos[2]), ("drop", photos[11])):
+        payload = base64.b64encode(photo.read_bytes()).decode()
+        page.evaluate(event_js, [kind, photo.name, payload])
+        wait_for_grid(page, ids_of(upload_answer(http, photo)))
+        assert grid_ids(page)[0] == home.id_of(photo), kind
+        assert photo.name in page.locator("#query-caption").inner_text()
+
+
+def test_open_a_result_more_like_this_and_reload(watched, server, http, home, shots):
+    page = watched.page
+    page.goto(server + "/?tag=garment:tops")
+    photo = query_photo(home)
+    page.set_input_files("#file-input", str(photo))
+    answer = upload_answer(http, photo, tag="garment:tops")
+    wait_for_grid(page, ids_of(answer))
+
+    # Open the second result: the original, its metadata, tags with scores and its neighbours.
+    second = answer["results"][1]
+    page.locator("#results > li.card").nth(1).locator(".card-open").click()
+    dialog = page.locator("#detail")
+    assert dialog.is_visible() and dialog.get_attribute("data-id") == str(second["id"])
+    meta = http.get(f"/images/{second['id']}").json()
+    assert meta["tags"] == second["tags"]  # an image's own metadata carries the tags its results show
+    page.wait_for_function(
+        "path => document.querySelector('#detail-meta').textContent.includes(path)", arg=meta["path"]
+    )
+    assert f"{meta['width']} × {meta['height']} px" in page.locator("#detail-meta").inner_text()
+    tag_rows = page.locator("#detail-tags tbody tr")
+    assert tag_rows.count() == len(second["tags"])
+    assert f"{second['tags'][0]['score']:.3f}" in page.locator("#detail-tags").inner_text()
+    neighbours = http.get(f"/images/{second['id']}/similar", params={"k": 8}).json()
+    page.wait_for_function("n => document.querySelectorAll('#detail-similar > li.card').length === n", arg=8)
+    shown = page.eval_on_selector_all("#detail-similar > li.card", "items => items.map(li => Number(li.dataset.id))")
+    assert shown == ids_of(neighbours)
+    wait_for_images(page, "#detail-img")
+    natural = page.eval_on_selector("#detail-img", "img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [meta["width"], meta["height"]]  # the original file, not the thumbnail
+    wait_for_images(page, "#detail-similar img")
+    snap(page, shots, "03-detail", full_page=False)
+
+    # "More like this": the id goes into the URL (filters kept) and the grid shows its neighbours.
+    page.locator("#detail-more").click()
+    assert not dialog.is_visible()
+    page.wait_for_url(lambda url: "similar=" in url)
+    assert url_query(page) == {"similar": [str(second["id"])], "tag": ["garment:tops"]}
+    expected = ids_of(similar_answer(http, second["id"], tag="garment:tops"))
+    assert second["id"] not in expected and expected != ids_of(answer)
+    wait_for_grid(page, expected)
+    page.wait_for_function(
+        "name => document.querySelector('#query-caption').textContent === 'More like ' + name",
+        arg=Path(meta["path"]).name,
+    )
+    wait_for_images(page, "#results .card-open img")
+    snap(page, shots, "04-more-like-this")
+
+    # The URL is the search: a reload (and a fresh tab) shows the same results.
+    url = page.url
+    page.reload()
+    wait_for_grid(page, expected)
+    other = page.context.new_page()
+    other.goto(url)
+    wait_for_grid(other, expected)
+    assert (
+        other.get_by_role("button", name="Include tops (garment)", exact=True).get_attribute("aria-pressed") == "true"
+    )
+    # The query image's own details (no result to take its tags from: they come with its metadata).
+    other.locator("#query-open").click()
+    other.locator("#detail").wait_for(state="visible")
+    other.wait_for_function(
+        "n => document.querySelectorAll('#detail-tags tbody tr').length === n", arg=len(meta["tags"])
+    )
+    assert other.locator("#detail").get_attribute("data-id") == str(second["id"])
+    other.close()
+
+    # Back goes to the previous URL (the upload's filters; the upload itself is no longer the query).
+    page.go_back()
+    page.wait_for_url(lambda u: "similar=" not in u)
+    assert url_query(page) == {"tag": ["garment:tops"]}
+
+
+def test_heads_view_shows_the_trained_head(watched, server, http, shots):
+    page = watched.page
+    page.goto(server + "/")
+    page.get_by_role("link", name="Heads").click()
+    page.wait_for_url(lambda url: "view=heads" in url)
+    card = page.locator('.head-card[data-head="garment"]')
+    card.wait_for()
+    report = http.get("/heads/garment").json()
+    metrics = report["metrics"]["metrics"]
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        row = card.locator(f'tr[data-metric="{key}"] td')
+        assert row.inner_text() == f"{metrics[key]:.3f}", key
+    labels = card.locator(".head-labels").inner_text()
+    assert "tops" in labels and "positive" in labels and f"{report['thresholds'][0]:.3f}" in labels
+    matrix = card.locator("table.confusion tbody").inner_text().split()
+    assert [int(x) for x in matrix if x.isdigit()] == [n for row in metrics["confusion_matrix"] for n in row]
+    # The three plots saved at training, served from the head's report folder.
+    wait_for_images(page, '.head-card[data-head="garment"] .plot img')
+    assert card.locator(".plot img").count() == 3
+    assert page.locator('.head-card[data-head="imagenet"]').is_visible()  # the built-in head, listed after
+    snap(page, shots, "05-heads")
+
+    plot = http.get("/heads/garment/plots/confusion_matrix.png")
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+    assert plot.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert plot.content == (Path(report["report_dir"]) / "confusion_matrix.png").read_bytes()
+    for path in (
+        "/heads/garment/plots/report.json",  # in the folder, but not a plot
+        "/heads/garment/plots/..%2Freport.json",
+        "/heads/garment/plots/%2E%2E%2F%2E%2E%2Flookalike.db",
+        "/heads/garment/plots/../report.json",
+        "/heads/imagenet/plots/loss.png",  # the built-in head has no report folder
+        "/heads/no-such-head/plots/loss.png",
+    ):
+        assert http.get(path).status_code == 404, path
+
+
+def test_status_view_shows_counts_and_failures(watched, server, http, home, shots):
+    page = watched.page
+    page.goto(server + "/?view=status")
+    page.locator(".count-card").first.wait_for()
+    stats = http.get("/stats").json()
+    assert stats["images"] == {"indexed": 20, "failed": 1, "total": 21}
+    for key in ("indexed", "failed", "total"):
+        value = page.locator(f'.count-card[data-status="{key}"] .count-value').inner_text()
+        assert int(value) == stats["images"][key], key
+    text = page.locator("#status-content").inner_text()
+    assert stats["backbone"] in text and stats["index"]["type"] in text and str(stats["dimension"]) in text
+    failures = page.locator("table.failures tbody tr")
+    assert failures.count() == 1
+    row = failures.first.inner_text()
+    assert str(home.corrupt) in row and stats["failures"][0]["reason"] in row
+    assert page.locator("nav a[aria-current=page]").inner_text() == "Index status"
+    snap(page, shots, "06-status")
+
+
+def test_keyboard_reaches_facets_and_results(watched, server, http, home):
+    page = watched.page
+    image_id = home.id_of(query_photo(home))
+    page.goto(f"{server}/?similar={image_id}")
+    wait_for_grid(page, ids_of(similar_answer(http, image_id)))
+    page.locator(".facet-btn").first.wait_for()
+
+    def tab_to(selector: str, limit: int = 40) -> None:
+        for _ in range(limit):
+            page.keyboard.press("Tab")
+            if page.evaluate("sel => document.activeElement && document.activeElement.matches(sel)", selector):
+                return
+        raise AssertionError(f"Tab never reached {selector}")
+
+    # Facets: one tab stop per head, arrow keys inside, Enter toggles.
+    tab_to(".facet-btn")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"  # visible focus
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowDown")
+    counts = http.get("/tags").json()["garment"]
+    second = sorted(counts, key=lambda label: (-counts[label], label))[1]  # the page lists by count
+    focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == f"Any of {second} (garment)"
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "term => new URLSearchParams(location.search).get('any_tag') === term", arg=f"garment:{second}"
+    )
+    expected = ids_of(similar_answer(http, image_id, any_tag=f"garment:{second}"))
+    wait_for_grid(page, expected)
+
+    # Results: Tab reaches the first card, Enter opens it, Escape closes and gives focus back.
+    tab_to("#results .card-open")
+    card_id = page.evaluate("document.activeElement.closest('li').dataset.id")
+    assert card_id == str(expected[0])
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    page.keyboard.press("Enter")
+    dialog = page.locator("#detail")
+    dialog.wait_for(state="visible")
+    assert dialog.get_attribute("data-id") == card_id
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden")
+    assert page.evaluate("document.activeElement.closest('li')?.dataset.id") == card_id
+    # The next result's "More like this" by keyboard.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "More like this"
+    page.keyboard.press("Enter")
+    page.wait_for_url(lambda url: f"similar={card_id}" in url)
+    wait_for_grid(page, ids_of(similar_answer(http, int(card_id), any_tag=f"garment:{second}")))
+
+
+def test_phone_viewport(browser, server, http, home, shots):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    watch = Watched(page, server)
+    try:
+        image_id = home.id_of(query_photo(home))
+        page.goto(f"{server}/?similar={image_id}")
+        wait_for_grid(page, ids_of(similar_answer(http, image_id)))
+        lefts = page.eval_on_selector_all(
+            "#results > li.card", "items => items.map(li => Math.round(li.getBoundingClientRect().left))"
+        )
+        assert 1 <= len(set(lefts)) <= 2, lefts
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1] == 390, widths
+        # Filters fold away behind a button on a phone.
+        assert not page.locator("#facets").is_visible()
+        wait_for_images(page, "#results > li.card:nth-child(-n+4) .card-open img")
+        snap(page, shots, "07-phone", full_page=False)
+        page.get_by_role("button", name="Filters").click()
+        assert page.locator("#facets").is_visible()
+        assert page.get_by_role("button", name="Filters").get_attribute("aria-expanded") == "true"
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1], widths
+        snap(page, shots, "08-phone-filters", full_page=False)
+    finally:
+        context.close()
+    watch.check()
+
+
+def test_api_key_prompt_and_blob_images(browser, server, http, home, shots):
+    """On a 401 the page asks for a key, keeps it in sessionStorage and sends it as a Bearer token.
+
+    The refusal is played by the browser's request routing in front of the real server (the same
+    401 answer the server gives with LOOKALIKE_API_KEYS set), so every data request without the
+    right key is refused, and the page must carry the key on images too (blob: URLs).
+    """
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    watch = Watched(page, server)
+    seen: list[tuple[str, str | None]] = []
+
+    def guard(route) -> None:
+        request = route.request
+        path = urlsplit(request.url).path
+        if path == "/" or path.startswith("/static/") or path in ("/health", "/favicon.ico"):
+            route.continue_()
+            return
+        auth = request.headers.get("authorization")
+        seen.append((path, auth))
+        if auth == f"Bearer {API_KEY}":
+            route.continue_()
+        else:
+            detail = "invalid API key" if auth else "an API key is required"
+            route.fulfill(status=401, content_type="application/json", body=json.dumps({"detail": detail}))
+
+    page.route(f"{server}/**", guard)
+    try:
+        page.goto(server + "/")
+        key_dialog = page.locator("#key-dialog")
+        key_dialog.wait_for(state="visible")
+        assert page.get_by_label("API key", exact=True).is_visible()
+        page.get_by_label("API key", exact=True).fill("wrong-key")
+        page.get_by_role("button", name="Use this key").click()
+        page.wait_for_function("() => document.querySelector('#key-error').textContent.includes('not accepted')")
+        assert key_dialog.is_visible()
+        snap(page, shots, "09-api-key", full_page=False)
+        page.get_by_label("API key", exact=True).fill(API_KEY)
+        page.get_by_role("button", name="Use this key").click()
+        key_dialog.wait_for(state="hidden")
+        page.locator(".facet-btn").first.wait_for()  # /tags answered, with the key
+        assert page.evaluate("sessionStorage.getItem('lookalike.apiKey')") == API_KEY
+        assert page.evaluate("localStorage.length") == 0
+        assert page.locator("#forget-key").is_visible()
+
+        photo = query_photo(home)
+        page.set_input_files("#file-input", str(photo))
+        wait_for_grid(page, ids_of(upload_answer(http, photo)))
+        wait_for_images(page, "#results .card-open img")
+        sources = page.eval_on_selector_all("#results .card-open img", "imgs => imgs.map(img => img.src)")
+        assert sources and all(src.startswith("blob:") for src in sources)
+        # Once the key is known, every data request carries it (thumbnails and search included).
+        first_ok = next(i for i, (_, auth) in enumerate(seen) if auth == f"Bearer {API_KEY}")
+        later = seen[first_ok:]
+        assert {p for p, _ in later} >= {"/tags", "/search", f"/images/{home.id_of(photo)}/thumbnail"}
+        assert all(auth == f"Bearer {API_KEY}" for _, auth in later), later
+    finally:
+        context.close()
+    # The refusals the test itself staged are the only console errors allowed.
+    assert watch.errors == [] and watch.foreign == []
+    assert all("401" in message for message in watch.console_errors), watch.console_errors
