@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,17 +100,24 @@ def index(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
 ) -> None:
     """Index image folders: add new files, re-embed changed ones, drop vanished ones."""
+    settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers)
+    # Decoders first: forked now, before the database and the model runtime exist in this
+    # process, they are ready by the time the folders are scanned (a second saved per run).
+    from indexer.decode_worker import DecoderPool
+
+    decoders = DecoderPool(settings.decode_workers or os.cpu_count() or 1).start()
     from indexer.pipeline import index_folders
 
-    settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers)
     try:
         library = _open(settings)
         with _progress_bar(quiet) as on_progress:
-            report = index_folders(library, [str(f) for f in folders], progress=on_progress)
+            report = index_folders(library, [str(f) for f in folders], progress=on_progress, decoders=decoders)
     except LookalikeError as exc:
         _fail(str(exc))
     except _storage_errors() as exc:
         _fail_storage(exc, settings)
+    finally:
+        decoders.close()  # already closed by a completed run
     for path, reason in report.failed:
         err.print(f"skipping {path}: {reason}", markup=False)
     rate = report.embedded / report.seconds if report.seconds else 0.0
