@@ -102,10 +102,13 @@ def index(
     """Index image folders: add new files, re-embed changed ones, drop vanished ones."""
     settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers)
     # Decoders first: forked now, before the database and the model runtime exist in this
-    # process, they are ready by the time the folders are scanned (a second saved per run).
-    from indexer.decode_worker import DecoderPool
+    # process, they decode the first files while this one opens the home and loads the model.
+    from indexer.decode_worker import DecoderPool, prefetch_options
 
     decoders = DecoderPool(settings.decode_workers or os.cpu_count() or 1).start()
+    options = prefetch_options(settings)
+    if options is not None:
+        decoders.prefetch(options, _first_files(folders))
     from indexer.pipeline import index_folders
 
     try:
@@ -127,6 +130,17 @@ def index(
         + (f" (+{report.previously_failed} failed before, unchanged)" if report.previously_failed else "")
         + f" in {report.seconds:.1f} s ({rate:.1f} images/s embedded)"
     )
+
+
+def _first_files(folders: list[Path]):
+    """Image files of the folders in scan order (the order a run decodes them), as decoder tasks."""
+    from indexer.decode_worker import Task
+    from indexer.scan import FoundFile, scan_folder
+
+    for folder in folders:
+        for item in scan_folder(str(folder)):
+            if isinstance(item, FoundFile):
+                yield Task(item.path, item.size, item.mtime_ns)
 
 
 class _progress_bar:

@@ -16,9 +16,10 @@ import os
 import signal
 import threading
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from indexer.errors import ImageRejected, LookalikeError
 from indexer.faults import checkpoint
 
 _DIGEST_BYTES = 20  # blake2b-160: content hashes as stored in the database (40 hex digits)
+CHUNK_FILES = 4  # files per decoder task: amortises inter-process overhead
+PREFETCH_FILES = 64  # decoded while a run starts up; bounds the work wasted if they turn out unchanged
 
 
 def content_hash(data: bytes) -> str:
@@ -65,6 +68,19 @@ class DecodeOptions:
 
 
 Job = tuple[Task, bool]  # (task, force): force decodes even bytes that are already indexed
+FileKey = tuple[str, int, int]  # (path, size, mtime_ns): the same file, unchanged
+
+
+def file_key(task: Task) -> FileKey:
+    return (task.path, task.size, task.mtime_ns)
+
+
+def adopt(decoded: Decoded, task: Task, known: frozenset[str]) -> Decoded:
+    """A prefetched result, as the run's own decoder would have returned it for `task`."""
+    if decoded.pixels is not None and (decoded.content_hash == task.old_hash or decoded.content_hash in known):
+        decoded.pixels = None  # bytes already indexed: their stored vector is reused
+    decoded.task = task
+    return decoded
 
 
 def write_known_hashes(path: Path, hashes: frozenset[str]) -> None:
@@ -143,6 +159,19 @@ def os_reason(exc: OSError) -> str:
 # -- in the indexing process ----------------------------------------------------------------------
 
 
+def prefetch_options(settings) -> DecodeOptions | None:
+    """Decode options for a run that has not opened its home yet, if its backbone was exported before."""
+    from indexer.backbones import DEFAULT_BACKBONE, cached_preprocess
+
+    if settings.runtime != "onnx":
+        return None
+    cache = settings.model_cache or settings.resolved_home / "models"
+    preprocess = cached_preprocess(settings.backbone or DEFAULT_BACKBONE, cache, settings.clip_weights)
+    if preprocess is None:
+        return None
+    return DecodeOptions(preprocess, settings.max_image_pixels, settings.max_file_bytes)
+
+
 def _fork_is_safe() -> bool:
     """Only a process with no other threads and no model runtime loaded may fork its decoders."""
     import sys
@@ -165,6 +194,8 @@ class DecoderPool:
         self.workers = max(1, workers)
         self.options: DecodeOptions | None = None
         self.inflight: deque[tuple[Future, list[Job]]] = deque()
+        self._prefetched: list[tuple[Future, list[Task]]] = []
+        self._prefetch_options: DecodeOptions | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._isolated: _IsolatedDecoder | None = None
         self.start_method = "fork" if _fork_is_safe() else "spawn"
@@ -175,6 +206,42 @@ class DecoderPool:
         for _ in range(self.workers):
             executor.submit(_ready)
         return self
+
+    def prefetch(self, options: DecodeOptions, files: Iterable[Task]) -> None:
+        """Decode the first files of a run while the caller still opens the database and loads the model.
+
+        The results are used only for files the run then plans to decode, with the same options
+        (claim_prefetched); at most PREFETCH_FILES decodes are wasted on files that are unchanged."""
+        self._prefetch_options = options
+        tasks = []
+        for task in files:
+            tasks.append(task)
+            if len(tasks) >= PREFETCH_FILES:
+                break
+        executor = self._executor()
+        for i in range(0, len(tasks), CHUNK_FILES):
+            chunk = tasks[i : i + CHUNK_FILES]
+            self._prefetched.append((executor.submit(_decode_chunk, options, [(t, True) for t in chunk]), chunk))
+
+    def claim_prefetched(self, tasks: list[Task]) -> tuple[list[Task], deque[tuple[Future, dict[FileKey, Task]]]]:
+        """Split `tasks` into those still to decode and the prefetched chunks that cover the rest."""
+        prefetched, self._prefetched = self._prefetched, []
+        claimed: deque[tuple[Future, dict[FileKey, Task]]] = deque()
+        if not prefetched:
+            return tasks, claimed
+        if self._prefetch_options != replace(self.options, known_hashes_file=None):
+            for future, _ in prefetched:
+                future.cancel()
+            return tasks, claimed
+        wanted = {file_key(t): t for t in tasks}
+        for future, chunk in prefetched:
+            mapping = {file_key(t): wanted[file_key(t)] for t in chunk if file_key(t) in wanted}
+            if mapping:
+                claimed.append((future, mapping))
+            else:
+                future.cancel()
+        covered = {key for _, mapping in claimed for key in mapping}
+        return [t for t in tasks if file_key(t) not in covered], claimed
 
     def __enter__(self) -> DecoderPool:
         return self

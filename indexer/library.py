@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer import store
-from indexer.backbones import Backbone, load_backbone
+from indexer.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
 from indexer.faults import checkpoint
@@ -26,7 +26,6 @@ from indexer.filters import TagIndex
 from indexer.settings import Settings
 from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
 TAGS_STAMP = "tags.stamp"  # touched whenever tags change, so servers reload their postings
 
 Notify = Callable[[str], None]

@@ -13,6 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,17 @@ import numpy as np
 
 from indexer import store
 from indexer.decode import ImageInfo
-from indexer.decode_worker import Decoded, DecodeOptions, DecoderPool, Task, os_reason, write_known_hashes
+from indexer.decode_worker import (
+    CHUNK_FILES,
+    Decoded,
+    DecodeOptions,
+    DecoderPool,
+    Task,
+    adopt,
+    file_key,
+    os_reason,
+    write_known_hashes,
+)
 from indexer.errors import LookalikeError
 from indexer.faults import checkpoint
 from indexer.heads.builtin import ensure_builtin_heads
@@ -31,7 +42,6 @@ from indexer.store import NewImage
 
 ProgressFn = Callable[[int, int], None]  # (files done, files to process)
 
-_CHUNK = 4  # files per decoder task: amortises inter-process overhead
 _SAVE_EVERY_S = 60.0  # bound the repair work after a crash in a long run
 
 
@@ -179,8 +189,8 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
         for failure, replaces in plan.scan_failures:
             writer.add_failure(Task(failure.path, 0, 0, replaces=replaces), failure.reason)
         if plan.tasks:
-            pool.options = _decode_options(library, backbone, backbone_id)
-            _run_decoders(pool, plan.tasks, writer, progress)
+            pool.options, known = _decode_options(library, backbone, backbone_id)
+            _run_decoders(pool, plan.tasks, writer, progress, known)
         elif progress:
             progress(0, 0)
         writer.flush()  # scan failures when nothing needed decoding
@@ -198,7 +208,7 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
     return report
 
 
-def _decode_options(library: Library, backbone, backbone_id: int) -> DecodeOptions:
+def _decode_options(library: Library, backbone, backbone_id: int) -> tuple[DecodeOptions, frozenset[str]]:
     """The decoders' settings, with the content already indexed written where they can read it."""
     settings = library.settings
     scratch = settings.resolved_home / "tmp"
@@ -210,28 +220,34 @@ def _decode_options(library: Library, backbone, backbone_id: int) -> DecodeOptio
     if known:
         known_file = scratch / f"known-hashes-{os.getpid()}.bin"
         write_known_hashes(known_file, known)
-    return DecodeOptions(
+    options = DecodeOptions(
         backbone.preprocess, settings.max_image_pixels, settings.max_file_bytes, str(known_file) if known_file else None
     )
+    return options, known
 
 
-def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, progress) -> None:
+def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, progress, known) -> None:
     total = len(tasks)
     if progress:
         progress(0, total)
-    chunks = deque([(t, False) for t in tasks[i : i + _CHUNK]] for i in range(0, total, _CHUNK))
+    remaining, prefetched = pool.claim_prefetched(tasks)
+    chunks = deque([(t, False) for t in remaining[i : i + CHUNK_FILES]] for i in range(0, len(remaining), CHUNK_FILES))
     max_inflight = pool.workers * 4  # bounded read-ahead keeps memory flat however large the folder
     done = 0
     try:
-        while chunks or pool.inflight:
+        while chunks or pool.inflight or prefetched:
             while chunks and len(pool.inflight) < max_inflight and pool.submit(chunks[0]):
                 chunks.popleft()
+            if prefetched:
+                results = _prefetched_results(prefetched.popleft(), known, chunks)
+            else:
+                results = pool.next_results()
             retries = []
-            for decoded in pool.next_results():
+            for decoded in results:
                 checkpoint("decode")
                 retries += writer.add(decoded)
                 done += 1
-            if not chunks and not pool.inflight:
+            if not chunks and not pool.inflight and not prefetched:
                 retries += writer.flush()
             # A file whose twin vanished or changed in this very run is decoded after all.
             done -= len(retries)
@@ -241,6 +257,16 @@ def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, pr
     finally:
         if pool.options.known_hashes_file:
             Path(pool.options.known_hashes_file).unlink(missing_ok=True)
+
+
+def _prefetched_results(claimed, known: frozenset[str], chunks: deque) -> list[Decoded]:
+    future, mapping = claimed
+    try:
+        results = future.result()
+    except BrokenProcessPool:  # a decoder died: decode these the usual way, which isolates the culprit
+        chunks.append([(task, False) for task in mapping.values()])
+        return []
+    return [adopt(d, mapping[file_key(d.task)], known) for d in results if file_key(d.task) in mapping]
 
 
 class _BatchWriter:
