@@ -40,10 +40,10 @@ def _settings(home: Path | None, **overrides) -> Settings:
     return Settings(**values)
 
 
-def _open(settings: Settings):
+def _open(settings: Settings, *, batch: bool = False):
     from indexer.library import Library
 
-    return Library(settings, notify=lambda message: err.print(f"[yellow]note:[/] {message}"))
+    return Library(settings, notify=lambda message: err.print(f"[yellow]note:[/] {message}"), batch=batch)
 
 
 def _fail(message: str, hint: str | None = None) -> None:
@@ -112,7 +112,7 @@ def index(
     from indexer.pipeline import index_folders
 
     try:
-        library = _open(settings)
+        library = _open(settings, batch=True)
         with _progress_bar(quiet) as on_progress:
             report = index_folders(library, [str(f) for f in folders], progress=on_progress, decoders=decoders)
     except LookalikeError as exc:
@@ -382,7 +382,7 @@ def tag(
     settings = _settings(home)
     try:
         with _progress_bar(False, "tagging") as on_progress:
-            written = tag_all(_open(settings), head or None, progress=on_progress)
+            written = tag_all(_open(settings, batch=True), head or None, progress=on_progress)
     except LookalikeError as exc:
         _fail(str(exc))
     except _storage_errors() as exc:

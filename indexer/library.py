@@ -36,8 +36,11 @@ def _ignore(_: str) -> None:
 
 
 class Library:
-    def __init__(self, settings: Settings, *, notify: Notify = _ignore):
+    def __init__(self, settings: Settings, *, notify: Notify = _ignore, batch: bool = False):
+        """`batch`: the model serves long runs that share the cores with decoder processes (indexing),
+        rather than single queries where every millisecond of latency counts (serving)."""
         self.settings = settings
+        self.batch = batch
         self.home = settings.resolved_home
         self.home.mkdir(parents=True, exist_ok=True)
         self.notify = notify
@@ -88,6 +91,7 @@ class Library:
                     cache_dir=self.model_cache_dir,
                     clip_weights=self.settings.clip_weights,
                     threads=self.settings.threads,
+                    spin=not self.batch,
                 )
             return self._backbone
 
