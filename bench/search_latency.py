@@ -1,4 +1,4 @@
-"""POST /search latency against the real server at 10k indexed images, with the in-process floor.
+"""POST /search latency against the real server at 10k indexed images, with an in-process baseline.
 
     python bench/search_latency.py            # 10k images, 300 sequential uploads
     python bench/search_latency.py --quick    # 2k images, 60 uploads
@@ -15,7 +15,7 @@ p50/p90/p99 and the server's own split (decode_ms, embed_ms, search_ms from `tim
 Target: p50 <= 20 ms at 10k images.
 
 Baselines in the same run: the same query photos embedded with the raw ONNX model and searched in the
-FAISS index in this process (the floor: model + search, no HTTP, decode or database), and the server's
+FAISS index in this process (model + search with one FAISS thread, no HTTP or database), and the server's
 latency on the real photos alone (~2.6k images) before the synthetic top-up.
 """
 
@@ -181,12 +181,15 @@ def serve_and_query(home: Path, queries: list[bytes], warmup: int = 10) -> dict:
 
 def floor(home: Path, queries: list[bytes]) -> dict:
     """The same queries in-process: decode, then raw ONNX embed + FAISS search (the floor is embed + search)."""
+    import faiss
+
     from indexer import store
     from indexer.decode import decode_for_model
     from indexer.library import Library
     from indexer.settings import Settings
     from indexer.vector_index import VectorIndex
 
+    faiss.omp_set_num_threads(1)  # as the server searches: one thread per query
     library = Library(Settings(home=home, model_cache=MODEL_CACHE))
     with library.sessions() as session:
         row = store.backbone_in_use(session)
@@ -225,7 +228,7 @@ def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     cases = [(f"server, {r['images']} images", r) for r in result["server"]]
-    labels = [c for c, _ in cases] + [f"in-process floor\n(embed+search, {result['floor']['images']})"]
+    labels = [c for c, _ in cases] + [f"in-process baseline\n(embed+search, {result['floor']['images']})"]
     p50 = [r["end_to_end_ms"]["p50"] for _, r in cases] + [result["floor"]["embed_plus_search_ms"]["p50"]]
     p90 = [r["end_to_end_ms"]["p90"] for _, r in cases] + [result["floor"]["embed_plus_search_ms"]["p90"]]
     x = np.arange(len(labels))
@@ -308,7 +311,7 @@ def main() -> None:
         )
     f = base_floor
     print(
-        f"{'floor in-process embed+search':<34} {f['embed_plus_search_ms']['p50']:>7.1f} "
+        f"{'in-process baseline embed+search':<34} {f['embed_plus_search_ms']['p50']:>7.1f} "
         f"{f['embed_plus_search_ms']['p90']:>7.1f} {f['embed_plus_search_ms']['p99']:>7.1f}"
         f"  (embed {f['embed_ms']['p50']:.1f}, search {f['search_ms']['p50']:.2f}, decode {f['decode_ms']['p50']:.1f})"
     )

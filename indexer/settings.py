@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=32, ge=1, le=1024)
     decode_workers: int = Field(default=0, ge=0, description="Decoder processes; 0 = one per CPU core")
     threads: int = Field(default=0, ge=0, description="Inference threads; 0 = one per CPU core")
+    search_threads: int = Field(
+        default=1, ge=0, description="FAISS threads per query; 1 suits a server answering queries side by side"
+    )
     max_image_pixels: int = Field(
         default=89_478_485, ge=1, description="Larger images are refused as decompression bombs"
     )

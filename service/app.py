@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import faiss
 import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -46,9 +45,6 @@ async def _watch_for_changes(library: Library, interval: float) -> None:
 
 def create_app(settings: Settings | None = None, *, notify: Callable[[str], None] | None = None) -> FastAPI:
     settings = settings or get_settings()
-    # One query per request, many requests in parallel: FAISS's OpenMP threads only add
-    # synchronisation cost here (measured 7.1 ms -> 2.1 ms per 10k-vector search).
-    faiss.omp_set_num_threads(1)
     notify = notify or log.warning
 
     @asynccontextmanager
