@@ -1,4 +1,4 @@
-"""Shared helpers for the indexing, near-duplicate and latency benchmarks.
+"""Shared helpers for every benchmark: the datasets, cached fixtures and embeddings, results, machine load.
 
 Everything lives inside the repository except the labelled photo sets under /work/shared/datasets
 (or $LOOKALIKE_DATASETS). Generated fixtures and the exported ONNX model are cached under
@@ -7,6 +7,7 @@ bench/out/cache (gitignored), so only the first run pays for them.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -43,6 +44,47 @@ def dataset_photos() -> list[Path]:
     if not photos:
         raise SystemExit(f"no photos under {root}/*/images")
     return photos
+
+
+def read_labels(name: str) -> list[tuple[str, list[str]]]:
+    """(absolute path, labels) rows of a dataset's labels.csv (labels separated by '|')."""
+    root = require_datasets() / name
+    with open(root / "labels.csv", newline="") as fh:
+        return [
+            (str((root / row["path"]).resolve()), [p for p in row["labels"].split("|") if p])
+            for row in csv.DictReader(fh)
+        ]
+
+
+def dataset_embeddings():
+    """Index every dataset photo once (cached under bench/out/cache) and return path->row, vectors, norms."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from indexer import store
+    from indexer.library import Library
+    from indexer.models import ImageRow
+    from indexer.pipeline import index_folders
+    from indexer.settings import Settings
+
+    settings = Settings(home=CACHE / "datasets-home", model_cache=MODEL_CACHE)
+    library = Library(settings, notify=lambda m: print(f"note: {m}", file=sys.stderr))
+    report = index_folders(library, [str(require_datasets())])
+    if report.embedded:
+        print(f"indexed the datasets: {report.embedded} images embedded in {report.seconds:.1f} s", file=sys.stderr)
+    with library.sessions() as session:
+        backbone = store.backbone_in_use(session)
+        paths = dict(session.execute(select(ImageRow.id, ImageRow.path)).all())
+        ids, vectors, norms = [], [], []
+        for chunk_ids, chunk_vectors, chunk_norms in store.iter_vectors(session, backbone.id, norms=True):
+            ids.append(chunk_ids)
+            vectors.append(chunk_vectors)
+            norms.append(chunk_norms)
+    ids = np.concatenate(ids)
+    row_of_id = {int(i): r for r, i in enumerate(ids)}
+    path_to_row = {path: row_of_id[image_id] for image_id, path in paths.items() if image_id in row_of_id}
+    library.close()
+    return path_to_row, np.concatenate(vectors), np.concatenate(norms)
 
 
 def spread(items: list, n: int) -> list:

@@ -16,7 +16,7 @@ import argparse
 import time
 
 import numpy as np
-from dataset_embeddings import OUT, dataset_embeddings, load_summary, write_result
+from benchlib import OUT, dataset_embeddings, load_line, machine_load, write_json
 
 from indexer.filters import TagFilter, TagIndex
 from indexer.vector_index import VectorIndex
@@ -143,10 +143,10 @@ def main() -> None:
             f"{r['p50_ms']:6.2f}  ({r['p50_ms'] / base:4.2f}x)  {'OK  ' if ok else 'MISS'}  |  "
             f"{r['naive_recall']:.3f}        {r['naive_mean_results']:.1f} of {K}"
         )
-    print(load_summary())
-    result["machine"] = load_summary()
+    print(load_line(machine_load()))
+    result["machine"] = machine_load()
     plot(result)
-    path = write_result("filtered_search", result)
+    path = write_json("filtered_search", result)
     print(f"wrote {path} and {OUT / 'filtered_search.png'}")
 
 

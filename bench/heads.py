@@ -13,7 +13,7 @@ import argparse
 import time
 
 import numpy as np
-from dataset_embeddings import OUT, dataset_embeddings, load_summary, read_labels, write_result
+from benchlib import OUT, dataset_embeddings, load_line, machine_load, read_labels, write_json
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import train_test_split
@@ -148,9 +148,9 @@ def main() -> None:
         f"lookalike {timing['lookalike_seconds']:.2f} s ({timing['epochs_run']} epochs), "
         f"LogisticRegression {timing['sklearn_seconds']:.2f} s  {'OK' if timing['under_5_s'] else 'MISS'} (< 5 s)"
     )
-    print(load_summary())
+    print(load_line(machine_load()))
     plot(rows)
-    path = write_result("heads", {"datasets": rows, "training_time": timing, "machine": load_summary()})
+    path = write_json("heads", {"datasets": rows, "training_time": timing, "machine": machine_load()})
     print(f"wrote {path} and {OUT / 'heads.png'}")
 
 
