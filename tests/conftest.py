@@ -1,16 +1,94 @@
-"""Shared fixtures: every test gets its own home folder; the exported ONNX model is shared."""
+"""Shared fixtures: every test gets its own home folder; the exported ONNX model is shared.
+
+`--database=postgres` runs the tests marked `storage` (and only those) against PostgreSQL: a
+throwaway PostgreSQL 15 cluster started for the session, or the server LOOKALIKE_TEST_DATABASE_URL
+names (a URL with CREATEDB rights). Every home a test uses then has its own fresh database; see
+databases.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
+import databases
+from postgres_server import throwaway_cluster
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "clothing10" / "images"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--database",
+        choices=databases.BACKENDS,
+        default=databases.SQLITE,
+        help="database behind the test homes; postgres runs only the tests marked storage, against a throwaway "
+        f"PostgreSQL 15 cluster or the server ${databases.TEST_SERVER_VAR} names",
+    )
+
+
+def pytest_report_header(config):
+    backend = config.getoption("--database")
+    if backend == databases.POSTGRES:
+        where = "$" + databases.TEST_SERVER_VAR if os.environ.get(databases.TEST_SERVER_VAR) else "a throwaway cluster"
+        return f"database: postgres ({where}); only tests marked storage"
+    return "database: sqlite"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--database") != databases.POSTGRES:
+        return
+    # Deselected, not skipped: SQLite-specific tests are simply not part of the PostgreSQL pass.
+    keep = [item for item in items if item.get_closest_marker("storage")]
+    dropped = [item for item in items if not item.get_closest_marker("storage")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database_backend(request):
+    """Configure databases.py for the session: SQLite files, or a PostgreSQL server."""
+    if request.config.getoption("--database") != databases.POSTGRES:
+        databases.configure(databases.SQLITE)
+        yield databases.SQLITE
+        return
+    given = os.environ.get(databases.TEST_SERVER_VAR)
+    with nullcontext(given) if given else throwaway_cluster() as url:
+        server = databases.Server(url)
+        databases.configure(databases.POSTGRES, server)
+        try:
+            yield databases.POSTGRES
+        finally:
+            databases.drop_all()
+            databases.configure(databases.SQLITE)
+            server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(database_backend):
+    """A PostgreSQL server for the tests about PostgreSQL itself, on either pass."""
+    if database_backend == databases.POSTGRES:
+        yield databases._server()
+        return
+    with throwaway_cluster() as url:
+        server = databases.Server(url)
+        yield server
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty PostgreSQL database, dropped after the test."""
+    name = postgres_server.create("pg")
+    yield postgres_server.database_url(name)
+    postgres_server.drop(name)
 
 
 @pytest.fixture(scope="session")
@@ -26,18 +104,22 @@ def hermetic_env(monkeypatch, tmp_path, model_cache):
             monkeypatch.delenv(key)
     monkeypatch.setenv("LOOKALIKE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LOOKALIKE_MODEL_CACHE", str(model_cache))
+    # The test's own home gets a fresh database (on PostgreSQL: a new one, dropped afterwards).
+    position = databases.mark()
+    for key, value in databases.home_env(tmp_path / "home").items():
+        monkeypatch.setenv(key, value)
     from indexer.settings import get_settings
 
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+    databases.drop_since(position)
 
 
 @pytest.fixture
 def settings(tmp_path, model_cache):
-    from indexer.settings import Settings
-
-    return Settings(home=tmp_path / "home", model_cache=model_cache)
+    """The settings of the test's own home (LOOKALIKE_HOME), with its database."""
+    return databases.home_settings(tmp_path / "home", model_cache=model_cache)
 
 
 @pytest.fixture

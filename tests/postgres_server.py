@@ -1,4 +1,9 @@
-"""A throwaway PostgreSQL 15 cluster for tests: initdb in a temp folder, started on a free port."""
+"""A throwaway PostgreSQL 15 cluster for tests: initdb in a temp folder, started on a free port.
+
+The cluster is UTF-8 with ICU's en-US collation, like a typical server (and unlike SQLite's
+byte-wise order): text sorts case-insensitively at first, so an ORDER BY on names or paths
+gives another order than Python's sorted() does.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ def throwaway_cluster():
         shutil.chown(sockets, "postgres")
     port = _free_port()
     run = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]), **run)
+    initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"]
+    initdb += ["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"]
+    subprocess.run(_as_postgres(initdb), **run)
     options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
     subprocess.run(
         _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start"]),

@@ -1,38 +1,50 @@
-"""The same storage paths against a real PostgreSQL 15 server (a throwaway cluster)."""
+"""The same storage paths against a real PostgreSQL 15 server, on either pass.
+
+On the SQLite pass these start a throwaway cluster of their own; the PostgreSQL pass
+(`pytest --database=postgres`) runs every test marked `storage` against PostgreSQL anyway.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
 import pytest
 from sqlalchemy import inspect, select
 
+import databases
 from indexer import store
 from indexer.database import current_revision
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.search import search_image, search_similar
-from postgres_server import throwaway_cluster
+
+pytestmark = pytest.mark.storage
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    with throwaway_cluster() as url:
-        yield url
+def test_the_test_home_uses_the_selected_database(settings):
+    """The pass really runs where it says: the test's home, its settings and its subprocesses'
+    environment name the same database, of the selected kind."""
+    url = settings.resolved_database_url
+    assert url.startswith("postgresql+psycopg://" if databases.is_postgres() else "sqlite:///")
+    assert os.environ.get("LOOKALIKE_DATABASE_URL") == settings.database_url
+    library = Library(settings)
+    assert library.engine.dialect.name == ("postgresql" if databases.is_postgres() else "sqlite")
+    library.close()
 
 
-def test_migrations_create_schema_on_postgres(pg_url, settings):
-    library = Library(settings.model_copy(update={"database_url": pg_url}))
+def test_migrations_create_schema_on_postgres(postgres_url, settings):
+    library = Library(settings.model_copy(update={"database_url": postgres_url}))
     tables = set(inspect(library.engine).get_table_names())
     assert {"images", "embeddings", "backbones", "roots", "alembic_version"} <= tables
     assert current_revision(library.engine) is not None
     library.close()
 
 
-def test_index_search_and_incremental_on_postgres(pg_url, settings, photo_dir):
-    library = Library(settings.model_copy(update={"database_url": pg_url}))
+def test_index_search_and_incremental_on_postgres(postgres_url, settings, photo_dir):
+    library = Library(settings.model_copy(update={"database_url": postgres_url}))
     first = index_folders(library, [str(photo_dir)])
     assert first.added == 20 and not first.failed
 
