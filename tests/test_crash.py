@@ -9,19 +9,19 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import SAMPLES, cli_command
 from indexer import store
 from indexer.errors import IndexBusy
@@ -29,8 +29,9 @@ from indexer.library import Library
 from indexer.models import EmbeddingRow, ImageRow
 from indexer.pipeline import index_folders
 from indexer.search import search_image
-from indexer.settings import Settings
 from indexer.vector_index import MANIFEST, VectorIndex, read_manifest
+
+pytestmark = pytest.mark.storage
 
 BACKBONE, DIM = "efficientnet-lite0", 1280
 runner = CliRunner()
@@ -40,13 +41,16 @@ runner = CliRunner()
 
 
 def open_library(home: Path, model_cache: Path, notes: list[str] | None = None) -> Library:
-    return Library(Settings(home=home, model_cache=model_cache), notify=(notes.append if notes is not None else print))
+    return Library(
+        databases.home_settings(home, model_cache=model_cache), notify=(notes.append if notes is not None else print)
+    )
 
 
 def start_index(folder: Path, home: Path) -> subprocess.Popen:
     """The real console script in its own process group, so a kill takes its decoder workers too."""
     return subprocess.Popen(
         cli_command("index", str(folder), "--home", str(home), "--batch-size", "8", "-q"),
+        env={**os.environ, **databases.home_env(home)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -67,13 +71,12 @@ def kill(proc: subprocess.Popen) -> bool:
 
 def committed(home: Path) -> int:
     """Embeddings committed so far, read the way another process would see them."""
-    db = home / "lookalike.db"
-    if not db.exists():
+    if not databases.has_database(home):
         return 0
     try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-            return conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
-    except sqlite3.Error:
+        with databases.reader(home).connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
+    except DBAPIError:
         return 0  # schema not created yet
 
 
@@ -86,14 +89,14 @@ def wait_for(proc: subprocess.Popen, home: Path, at_least: int, timeout: float =
 
 def db_invariants(home: Path) -> int:
     """Between runs: one row per path, every indexed row has exactly one embedding. Returns the count."""
-    with closing(sqlite3.connect(home / "lookalike.db", timeout=5)) as conn:
-        dupes = conn.execute("SELECT path FROM images GROUP BY path HAVING count(*) > 1").fetchall()
-        indexed = conn.execute("SELECT count(*) FROM images WHERE status = 'indexed'").fetchone()[0]
-        embeddings = conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+    with databases.reader(home).connect() as conn:
+        dupes = conn.execute(text("SELECT path FROM images GROUP BY path HAVING count(*) > 1")).all()
+        indexed = conn.execute(text("SELECT count(*) FROM images WHERE status = 'indexed'")).scalar_one()
+        embeddings = conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
         joined = conn.execute(
-            "SELECT count(*) FROM images i JOIN embeddings e ON e.image_id = i.id WHERE i.status = 'indexed'"
-        ).fetchone()[0]
-        failed = conn.execute("SELECT count(*) FROM images WHERE status = 'failed'").fetchone()[0]
+            text("SELECT count(*) FROM images i JOIN embeddings e ON e.image_id = i.id WHERE i.status = 'indexed'")
+        ).scalar_one()
+        failed = conn.execute(text("SELECT count(*) FROM images WHERE status = 'failed'")).scalar_one()
     assert dupes == [] and failed == 0
     assert indexed == embeddings == joined
     return indexed
@@ -159,7 +162,9 @@ def test_killed_runs_resume_to_the_same_index(tmp_path, many_photos, model_cache
     with pytest.raises(IndexBusy, match=f"being written by pid {proc.pid}"):
         index_folders(intruder, [str(many_photos)])
     intruder.close()
-    busy = runner.invoke(cli.app, ["index", str(many_photos), "--home", str(ref_home), "-q"])
+    busy = runner.invoke(
+        cli.app, ["index", str(many_photos), "--home", str(ref_home), "-q"], env=databases.home_env(ref_home)
+    )
     assert busy.exit_code == 1 and "being written by pid" in busy.stderr
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
@@ -181,7 +186,7 @@ def test_killed_runs_resume_to_the_same_index(tmp_path, many_photos, model_cache
             wait_for(proc, home, until)
         was_running = kill(proc)
         assert was_running or proc.returncode == 0, f"{moment}: {proc.returncode}"
-        interruptions.append((moment, was_running, db_invariants(home) if (home / "lookalike.db").exists() else 0))
+        interruptions.append((moment, was_running, db_invariants(home) if databases.has_schema(home) else 0))
     assert all(running for _, running, _ in interruptions[:3]), interruptions
     counts = [count for _, _, count in interruptions]
     assert counts == sorted(counts) and counts[1] >= 24 and counts[2] >= total - 24, interruptions
@@ -312,8 +317,7 @@ def pristine(tmp_path_factory, model_cache) -> tuple[Path, Path]:
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_index_is_rebuilt_from_stored_embeddings(tmp_path, pristine, model_cache, damage):
     source_home, photos = pristine
-    home = tmp_path / "home"
-    shutil.copytree(source_home, home)
+    home = databases.copy_home(source_home, tmp_path / "home")
     DAMAGE[damage](home / "index")
 
     notes: list[str] = []
@@ -336,8 +340,7 @@ def test_damaged_index_is_rebuilt_from_stored_embeddings(tmp_path, pristine, mod
 
 def test_search_through_the_cli_works_on_a_damaged_index(tmp_path, pristine):
     source_home, photos = pristine
-    home = tmp_path / "home"
-    shutil.copytree(source_home, home)
+    home = databases.copy_home(source_home, tmp_path / "home")
     _flip_bytes(home / "index")
     query = sorted(photos.rglob("*.jpg"))[11]
     proc = subprocess.run(

@@ -2,7 +2,7 @@
 EXIF orientation, every supported format, JSON output, export, stats, reindex and backbones.
 
 Nothing is mocked: the shipped CC0 photos go through the real decoder processes, the real
-ONNX model, a real SQLite database and a real FAISS bundle.
+ONNX model, a real database (SQLite, or PostgreSQL with --database=postgres) and a real FAISS bundle.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import SAMPLES, cli_command
 from indexer import store
 from indexer.errors import NotIndexed
@@ -32,8 +33,9 @@ from indexer.library import Library
 from indexer.models import BackboneRow, EmbeddingRow, ImageRow
 from indexer.pipeline import index_folders
 from indexer.search import search_image, search_similar
-from indexer.settings import Settings
 from indexer.vector_index import read_manifest
+
+pytestmark = pytest.mark.storage
 
 runner = CliRunner()
 
@@ -42,13 +44,13 @@ runner = CliRunner()
 
 
 def open_library(home: Path, model_cache: Path, notes: list[str] | None = None, **overrides) -> Library:
-    settings = Settings(home=home, model_cache=model_cache, **overrides)
+    settings = databases.home_settings(home, model_cache=model_cache, **overrides)
     return Library(settings, notify=(notes.append if notes is not None else lambda _m: None))
 
 
 def invoke(*args: str, **kwargs):
     """Run the real typer app in-process; stdout and stderr are captured separately."""
-    return runner.invoke(cli.app, list(args), catch_exceptions=False, **kwargs)
+    return runner.invoke(cli.app, list(args), catch_exceptions=False, env=databases.cli_env(args), **kwargs)
 
 
 def rows_by_path(library: Library) -> dict[str, ImageRow]:
@@ -383,6 +385,7 @@ def test_search_json_through_the_console_script(all_photos):
     query = sorted(all_photos.photos.rglob("*.jpg"))[7]
     proc = subprocess.run(
         cli_command("search", str(query), "--json", "-k", "5", "--home", str(all_photos.home)),
+        env={**os.environ, **databases.home_env(all_photos.home)},
         capture_output=True,
         text=True,
         timeout=120,
