@@ -33,6 +33,10 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    databases.configure(config.getoption("--database"))
+
+
 def pytest_report_header(config):
     backend = config.getoption("--database")
     if backend == databases.POSTGRES:
@@ -54,20 +58,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def database_backend(request):
-    """Configure databases.py for the session: SQLite files, or a PostgreSQL server."""
-    if request.config.getoption("--database") != databases.POSTGRES:
-        databases.configure(databases.SQLITE)
+    """SQLite files, or a PostgreSQL server (started here) for databases.py to create databases on."""
+    if not databases.is_postgres():
         yield databases.SQLITE
         return
     given = os.environ.get(databases.TEST_SERVER_VAR)
     with nullcontext(given) if given else throwaway_cluster() as url:
         server = databases.Server(url)
-        databases.configure(databases.POSTGRES, server)
+        databases.attach(server)
         try:
             yield databases.POSTGRES
         finally:
             databases.drop_all()
-            databases.configure(databases.SQLITE)
+            databases.attach(None)
             server.close()
 
 

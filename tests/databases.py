@@ -96,12 +96,16 @@ class _State:
     lock = threading.RLock()
 
 
-def configure(backend: str, server: Server | None = None) -> None:
+def configure(backend: str) -> None:
+    """Select the backend (pytest_configure, before test modules are imported)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown database backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if backend == POSTGRES and server is None:
-        raise ValueError("the postgres backend needs a server")
-    _State.backend, _State.server = backend, server
+    _State.backend = backend
+
+
+def attach(server: Server | None) -> None:
+    """The PostgreSQL server the postgres backend creates its databases on (a session fixture)."""
+    _State.server = server
 
 
 def backend() -> str:
@@ -117,7 +121,7 @@ def _key(home: Path) -> Path:
 
 
 def _server() -> Server:
-    assert _State.server is not None
+    assert _State.server is not None, "no PostgreSQL server attached (the database_backend fixture does that)"
     return _State.server
 
 

@@ -6,22 +6,21 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from sqlalchemy import inspect, text
 
+import databases
 from indexer.library import Library
 from indexer.search import search_similar
-from indexer.settings import Settings
 from indexer.vector_index import MANIFEST, IndexCorrupt, VectorIndex, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,8 +74,9 @@ def cli(*args: str) -> list[str]:
 
 
 def base_env(home: Path, model_cache: Path, **extra: str) -> dict[str, str]:
+    """A clean environment for `lookalike` on `home` (with the home's database, see databases.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **extra)
+    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home), **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return env
 
@@ -146,30 +146,32 @@ def assert_clean(proc: subprocess.CompletedProcess, what: str) -> None:
 # -- reading a home ---------------------------------------------------------------------------------
 
 
-def _connect(home: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{home / 'lookalike.db'}?mode=ro", uri=True, timeout=30)
+def _rows(home: Path, sql: str) -> list[tuple]:
+    with databases.reader(home).connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql))]
 
 
 def db_invariants(home: Path) -> int:
     """What must hold between any two runs, interrupted or not. Returns the number of indexed images."""
-    with closing(_connect(home)) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "images" not in tables:
-            return 0  # killed before the schema was committed
-        dupes = conn.execute("SELECT path FROM images GROUP BY path HAVING count(*) > 1").fetchall()
-        failed = conn.execute("SELECT path, error FROM images WHERE status != 'indexed'").fetchall()
-        without = conn.execute(
-            "SELECT count(*) FROM images i WHERE (SELECT count(*) FROM embeddings e WHERE e.image_id = i.id) != 1"
-        ).fetchone()[0]
-        orphans = conn.execute(
-            "SELECT count(*) FROM embeddings e WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = e.image_id)"
-        ).fetchone()[0]
-        stray_tags = conn.execute(
-            "SELECT count(*) FROM tags t WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = t.image_id)"
-            " OR NOT EXISTS (SELECT 1 FROM heads h WHERE h.id = t.head_id)"
-        ).fetchone()[0]
-        indexed = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    engine = databases.reader(home)
+    if engine.dialect.name == "sqlite":
+        assert _rows(home, "PRAGMA integrity_check") == [("ok",)]
+    if not inspect(engine).has_table("images"):
+        return 0  # killed before the schema was committed
+    dupes = _rows(home, "SELECT path FROM images GROUP BY path HAVING count(*) > 1")
+    failed = _rows(home, "SELECT path, error FROM images WHERE status != 'indexed'")
+    ((without,),) = _rows(
+        home, "SELECT count(*) FROM images i WHERE (SELECT count(*) FROM embeddings e WHERE e.image_id = i.id) != 1"
+    )
+    ((orphans,),) = _rows(
+        home, "SELECT count(*) FROM embeddings e WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = e.image_id)"
+    )
+    ((stray_tags,),) = _rows(
+        home,
+        "SELECT count(*) FROM tags t WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = t.image_id)"
+        " OR NOT EXISTS (SELECT 1 FROM heads h WHERE h.id = t.head_id)",
+    )
+    ((indexed,),) = _rows(home, "SELECT count(*) FROM images")
     assert dupes == [], f"paths indexed twice: {dupes[:3]}"
     assert failed == [], failed[:3]
     assert without == 0, f"{without} images without exactly one embedding"
@@ -178,28 +180,25 @@ def db_invariants(home: Path) -> int:
 
 
 def embedding_ids(home: Path) -> set[int]:
-    with closing(_connect(home)) as conn:
-        return {row[0] for row in conn.execute("SELECT image_id FROM embeddings")}
+    return {row[0] for row in _rows(home, "SELECT image_id FROM embeddings")}
 
 
 def vectors_by_path(home: Path) -> dict[str, np.ndarray]:
-    with closing(_connect(home)) as conn:
-        rows = conn.execute("SELECT i.path, e.vector FROM images i JOIN embeddings e ON e.image_id = i.id").fetchall()
+    rows = _rows(home, "SELECT i.path, e.vector FROM images i JOIN embeddings e ON e.image_id = i.id")
     return {path: np.frombuffer(blob, dtype="<f4") for path, blob in rows}
 
 
 def ids_by_path(home: Path) -> dict[str, int]:
-    with closing(_connect(home)) as conn:
-        return dict(conn.execute("SELECT path, id FROM images"))
+    return dict(_rows(home, "SELECT path, id FROM images"))
 
 
 def tags_by_path(home: Path) -> dict[tuple[str, str], list[tuple[str, float]]]:
     """(path, head name) -> [(label, score)], sorted."""
-    with closing(_connect(home)) as conn:
-        rows = conn.execute(
-            "SELECT i.path, h.name, t.label, t.score FROM tags t JOIN images i ON i.id = t.image_id"
-            " JOIN heads h ON h.id = t.head_id"
-        ).fetchall()
+    rows = _rows(
+        home,
+        "SELECT i.path, h.name, t.label, t.score FROM tags t JOIN images i ON i.id = t.image_id"
+        " JOIN heads h ON h.id = t.head_id",
+    )
     out: dict[tuple[str, str], list[tuple[str, float]]] = {}
     for path, head, label, score in rows:
         out.setdefault((path, head), []).append((label, score))
@@ -207,8 +206,7 @@ def tags_by_path(home: Path) -> dict[tuple[str, str], list[tuple[str, float]]]:
 
 
 def head_names(home: Path) -> list[str]:
-    with closing(_connect(home)) as conn:
-        return sorted(row[0] for row in conn.execute("SELECT name FROM heads"))
+    return sorted(row[0] for row in _rows(home, "SELECT name FROM heads"))
 
 
 def bundle_on_disk(home: Path) -> VectorIndex | None:
@@ -231,7 +229,7 @@ _opening = threading.Lock()  # Alembic's migration context is process-global: on
 
 def open_library(home: Path, model_cache: Path, notes: list[str]) -> Library:
     with _opening:
-        return Library(Settings(home=home, model_cache=model_cache), notify=notes.append)
+        return Library(databases.home_settings(home, model_cache=model_cache), notify=notes.append)
 
 
 @dataclass

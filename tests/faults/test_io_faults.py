@@ -25,6 +25,7 @@ from faultlib import (
     tags_by_path,
 )
 
+import databases
 from indexer.search import search_image
 
 pytestmark = pytest.mark.slow
@@ -98,12 +99,12 @@ CASES = [  # (command, where the fault is injected)
 ]
 
 
+@pytest.mark.storage
 @pytest.mark.parametrize("kind", ["enospc", "eacces"])
 @pytest.mark.parametrize(("command", "point"), CASES, ids=[f"{c}-{p}" for c, p in CASES])
 def test_injected_io_error_stops_cleanly(tmp_path, pristine, model_cache, command, point, kind):
     source, photos, more = pristine
-    home = tmp_path / "home"
-    shutil.copytree(source, home)
+    home = databases.copy_home(source, tmp_path / "home")
     env = base_env(home, model_cache)
     before = bundle_on_disk(home)
     before_ids, before_tags = embedding_ids(home), tags_by_path(home)
@@ -156,14 +157,14 @@ def test_injected_io_error_stops_cleanly(tmp_path, pristine, model_cache, comman
         assert not assert_readable_and_searchable(home, model_cache, new)
 
 
+@pytest.mark.storage
 def test_a_full_disk_during_a_repair_save_still_serves(tmp_path, pristine, model_cache, monkeypatch):
     """Search on a home whose bundle must be repaired, while the disk is full: the repair is kept in
     memory (and said so) and the search answers; the bundle on disk is left as it was."""
     import indexer.vector_index as vector_index
 
     source, photos, _ = pristine
-    home = tmp_path / "home"
-    shutil.copytree(source, home)
+    home = databases.copy_home(source, tmp_path / "home")
     (home / "index" / "index.json").unlink()  # forces a rebuild from the stored embeddings
 
     def full(*_args, **_kwargs):
@@ -179,7 +180,8 @@ def test_a_full_disk_during_a_repair_save_still_serves(tmp_path, pristine, model
 
 def test_a_really_full_sqlite_database_stops_index_cleanly(tmp_path, pristine, model_cache, monkeypatch):
     """Not injected: SQLite itself reports SQLITE_FULL ("database or disk is full") when a commit
-    needs more pages than allowed; `lookalike index` reports it in one line and keeps the rest."""
+    needs more pages than allowed; `lookalike index` reports it in one line and keeps the rest.
+    (About SQLite alone, so not a storage test: the PostgreSQL pass leaves it out.)"""
     from typer.testing import CliRunner
 
     import cli
