@@ -6,10 +6,35 @@ from datetime import UTC, datetime
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A moment in time, written and read back in UTC on every database.
+
+    SQLite keeps no zone: it stores the wall-clock digits it is given and returns them without one.
+    PostgreSQL's `timestamptz` returns times in the session's zone (the server's local one, often).
+    Unconverted, a backup from PostgreSQL into SQLite stored local digits that later read as UTC,
+    shifting every time by the server's offset. Times are made UTC before they are written (a time
+    without a zone is taken to be UTC) and come back as aware UTC datetimes from either database.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -24,7 +49,7 @@ class BackboneRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     dim: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Root(Base):
@@ -34,7 +59,7 @@ class Root(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
-    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ImageRow(Base):
@@ -50,7 +75,7 @@ class ImageRow(Base):
     format: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)  # "indexed" or "failed"
     error: Mapped[str | None] = mapped_column(Text)
-    indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    indexed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     embedding: Mapped[EmbeddingRow | None] = relationship(
         back_populates="image", cascade="all, delete-orphan", passive_deletes=True
@@ -90,7 +115,7 @@ class HeadRow(Base):
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     report_dir: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class TagRow(Base):
