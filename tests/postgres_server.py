@@ -2,7 +2,8 @@
 
 The cluster is UTF-8 with ICU's en-US collation, like a typical server (and unlike SQLite's
 byte-wise order): text sorts case-insensitively at first, so an ORDER BY on names or paths
-gives another order than Python's sorted() does.
+gives another order than Python's sorted() does. Its sessions' time zone is not UTC either
+(a server's local zone, UTC+05:45), so times come back with an offset unless stored and read as UTC.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PG_BIN = Path(os.environ.get("LOOKALIKE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+TIMEZONE = "Asia/Kathmandu"
 
 
 def _free_port() -> int:
@@ -45,7 +47,7 @@ def throwaway_cluster():
     initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"]
     initdb += ["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"]
     subprocess.run(_as_postgres(initdb), **run)
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone={TIMEZONE}"
     subprocess.run(
         _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start"]),
         **run,

@@ -13,14 +13,17 @@ import subprocess
 import threading
 import time
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import ImageOps
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
 
+import databases
 from conftest import SAMPLES, cli_command
 from indexer.backup import BackupError, backup_home, read_backup, restore_home
 from indexer.database import current_revision, make_engine
@@ -29,11 +32,10 @@ from indexer.pipeline import index_folders
 from indexer.search import search_image
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex, read_manifest
-from postgres_server import throwaway_cluster
 
 BACKBONE, DIM = "efficientnet-lite0", 1280
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.storage]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ def _free_port() -> int:
 
 def _env(home: Path, model_cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache))
+    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home))
     return env
 
 
@@ -73,13 +75,28 @@ def _copy_photos(sources: list[Path], folder: Path, mirrored: bool = False) -> l
     return out
 
 
-def _db_snapshot(url: str) -> dict:
-    """Every row that matters, keyed by path (ids may differ only where we say so)."""
+def _utc(value) -> str:
+    """A stored time as a UTC ISO string: SQLite hands back text without a zone (stored in UTC),
+    PostgreSQL a datetime in the session's time zone."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)).isoformat()
+
+
+def _json(value) -> str:
+    return json.dumps(json.loads(value) if isinstance(value, str) else value)
+
+
+def _db_snapshot(url: str | Path) -> dict:
+    """Every row that matters, keyed by path (ids may differ only where we say so); `url` may be a home.
+    Rows are sorted here, not by the database, whose collation may differ from SQLite's."""
+    if isinstance(url, Path):
+        url = databases.resolved_url(url)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
             images = conn.execute(
-                text("SELECT id, path, size, mtime_ns, content_hash, status FROM images ORDER BY path")
+                text("SELECT id, path, size, mtime_ns, content_hash, status, indexed_at FROM images")
             ).all()
             vectors = dict(
                 conn.execute(text("SELECT i.path, e.vector FROM images i JOIN embeddings e ON e.image_id = i.id")).all()
@@ -87,17 +104,19 @@ def _db_snapshot(url: str) -> dict:
             tags = conn.execute(
                 text(
                     "SELECT i.path, h.name, t.label, t.score FROM tags t JOIN images i ON i.id = t.image_id "
-                    "JOIN heads h ON h.id = t.head_id ORDER BY 1, 2, 3"
+                    "JOIN heads h ON h.id = t.head_id"
                 )
             ).all()
-            heads = conn.execute(text("SELECT name, kind, labels, thresholds FROM heads ORDER BY name")).all()
+            heads = conn.execute(text("SELECT name, kind, labels, thresholds, created_at FROM heads")).all()
+            roots = conn.execute(text("SELECT path, added_at FROM roots")).all()
     finally:
         engine.dispose()
     return {
-        "images": [tuple(r) for r in images],
+        "images": sorted((*r[:6], _utc(r[6])) for r in images),
         "vectors": {p: bytes(v) for p, v in vectors.items()},
-        "tags": [(p, h, label, round(float(s), 6)) for p, h, label, s in tags],
-        "heads": [(n, k, json.dumps(lab) if not isinstance(lab, str) else lab, str(t)) for n, k, lab, t in heads],
+        "tags": sorted((p, h, label, round(float(s), 6)) for p, h, label, s in tags),
+        "heads": sorted((n, k, _json(lab), _json(t), _utc(c)) for n, k, lab, t, c in heads),
+        "roots": sorted((p, _utc(a)) for p, a in roots),
     }
 
 
@@ -205,10 +224,12 @@ class Queries(threading.Thread):
 
 
 def _committed(home: Path) -> int:
+    if not databases.has_database(home):
+        return 0
     try:
-        with closing(sqlite3.connect(f"file:{home / 'lookalike.db'}?mode=ro", uri=True, timeout=5)) as conn:
-            return conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
-    except sqlite3.Error:
+        with databases.reader(home).connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
+    except DBAPIError:
         return 0
 
 
@@ -246,7 +267,7 @@ def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_
     info = _assert_backup_agrees(dest)
     assert info["counts"]["images"] == info["counts"]["embeddings"] == 80  # the whole index run, not part of it
     assert info["index"]["source"] == "copied"
-    assert info["source"]["database"] == f"sqlite:///{home / 'lookalike.db'}"
+    assert info["source"]["database"] == make_url(databases.resolved_url(home)).render_as_string(hide_password=True)
     assert "backed up 80 images (80 embeddings, 1 heads," in taken.stderr
 
     # Restore into a fresh home: the same rows, the same index, the same answers.
@@ -256,11 +277,11 @@ def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_
         restored.stderr
     )
     assert "note:" not in restored.stderr  # the restored index needed no repair
-    want = _db_snapshot(f"sqlite:///{home / 'lookalike.db'}")
-    got = _db_snapshot(f"sqlite:///{fresh / 'lookalike.db'}")
+    want = _db_snapshot(home)
+    got = _db_snapshot(fresh)
     assert got == want
-    original = Library(Settings(home=home, model_cache=model_cache))
-    copy = Library(Settings(home=fresh, model_cache=model_cache))
+    original = Library(databases.home_settings(home, model_cache=model_cache))
+    copy = Library(databases.home_settings(fresh, model_cache=model_cache))
     sample = photos[::7] + more[::9]
     _assert_same_rankings(_ranking(copy, sample), _ranking(original, sample))
     assert set(copy.index().ids().tolist()) == set(original.index().ids().tolist())
@@ -271,7 +292,7 @@ def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_
     again = _run(["restore", str(dest)], fresh, model_cache)
     assert again.returncode == 1
     assert "is not empty (80 images" in again.stderr and "--force" in again.stderr and "Traceback" not in again.stderr
-    assert _db_snapshot(f"sqlite:///{fresh / 'lookalike.db'}") == want
+    assert _db_snapshot(fresh) == want
 
 
 def test_restore_force_replaces_another_library(tmp_path, model_cache):
@@ -279,7 +300,7 @@ def test_restore_force_replaces_another_library(tmp_path, model_cache):
     _copy_photos(samples[:12], tmp_path / "a")
     _copy_photos(samples[40:45], tmp_path / "b")
     home_a, home_b = tmp_path / "home-a", tmp_path / "home-b"
-    library = Library(Settings(home=home_a, model_cache=model_cache))
+    library = Library(databases.home_settings(home_a, model_cache=model_cache))
     index_folders(library, [str(tmp_path / "a")])
     (home_a / "heads" / "imagenet").mkdir(parents=True)  # as if it had a training report
     (home_a / "heads" / "imagenet" / "report.json").write_text("{}")
@@ -288,22 +309,21 @@ def test_restore_force_replaces_another_library(tmp_path, model_cache):
     info = backup_home(library, tmp_path / "backup")
     library.close()
     assert info["counts"]["images"] == 12
-    other = Library(Settings(home=home_b, model_cache=model_cache))
+    other = Library(databases.home_settings(home_b, model_cache=model_cache))
     index_folders(other, [str(tmp_path / "b")])
     other.close()
-    before = (home_b / "lookalike.db").read_bytes()
+    before = _db_snapshot(home_b)
 
     refused = _run(["restore", str(tmp_path / "backup")], home_b, model_cache)
     assert refused.returncode == 1 and "is not empty (5 images" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    assert _db_snapshot(f"sqlite:///{home_b / 'lookalike.db'}")["images"][0][1].startswith(str(tmp_path / "b"))
-    assert len(before) > 0
+    assert _db_snapshot(home_b) == before and before["images"][0][1].startswith(str(tmp_path / "b"))
 
     forced = _run(["restore", str(tmp_path / "backup"), "--force"], home_b, model_cache)
     assert forced.returncode == 0, forced.stderr
-    assert _db_snapshot(f"sqlite:///{home_b / 'lookalike.db'}") == _db_snapshot(f"sqlite:///{home_a / 'lookalike.db'}")
-    with closing(sqlite3.connect(home_b / "lookalike.db")) as conn:
-        assert conn.execute("SELECT report_dir FROM heads").fetchall() == [(str(home_b / "heads" / "imagenet"),)]
+    assert _db_snapshot(home_b) == _db_snapshot(home_a)
+    with databases.reader(home_b).connect() as conn:
+        assert conn.execute(text("SELECT report_dir FROM heads")).all() == [(str(home_b / "heads" / "imagenet"),)]
     assert (home_b / "heads" / "imagenet" / "report.json").read_text() == "{}"
     manifest = read_manifest(home_b / "index")
     assert manifest["count"] == 12 and sorted(p.name for p in (home_b / "index").glob("*.faiss")) == [manifest["file"]]
@@ -312,7 +332,7 @@ def test_restore_force_replaces_another_library(tmp_path, model_cache):
     rerun = _run(["index", str(tmp_path / "a"), "-q"], home_b, model_cache)
     assert rerun.returncode == 0 and "added 0, updated 0, removed 0, unchanged 12" in rerun.stderr, rerun.stderr
     notes: list[str] = []
-    restored = Library(Settings(home=home_b, model_cache=model_cache), notify=notes.append)
+    restored = Library(databases.home_settings(home_b, model_cache=model_cache), notify=notes.append)
     assert len(restored.index()) == 12 and notes == []
     restored.close()
 
@@ -320,7 +340,7 @@ def test_restore_force_replaces_another_library(tmp_path, model_cache):
 def test_backup_waits_for_the_write_lock_then_gives_up_clearly(tmp_path, model_cache):
     photos = _copy_photos(sorted(SAMPLES.rglob("*.jpg"))[:6], tmp_path / "photos")
     home = tmp_path / "home"
-    library = Library(Settings(home=home, model_cache=model_cache))
+    library = Library(databases.home_settings(home, model_cache=model_cache))
     index_folders(library, [str(tmp_path / "photos")])
     held, release = threading.Event(), threading.Event()
 
@@ -371,7 +391,7 @@ def test_a_stale_bundle_is_rebuilt_in_the_backup(tmp_path, model_cache):
     samples = sorted(SAMPLES.rglob("*.jpg"))
     _copy_photos(samples[:6], tmp_path / "photos")
     home = tmp_path / "home"
-    library = Library(Settings(home=home, model_cache=model_cache))
+    library = Library(databases.home_settings(home, model_cache=model_cache))
     index_folders(library, [str(tmp_path / "photos")])
     shutil.copytree(home / "index", tmp_path / "old-bundle")
     _copy_photos(samples[20:24], tmp_path / "photos")
@@ -380,7 +400,7 @@ def test_a_stale_bundle_is_rebuilt_in_the_backup(tmp_path, model_cache):
     shutil.rmtree(home / "index")
     shutil.copytree(tmp_path / "old-bundle", home / "index")
 
-    library = Library(Settings(home=home, model_cache=model_cache))  # the index not opened: no repair yet
+    library = Library(databases.home_settings(home, model_cache=model_cache))  # the index not opened: no repair yet
     info = backup_home(library, tmp_path / "backup")
     library.close()
     assert info["index"]["source"] == "rebuilt" and info["index"]["vectors"] == 10
@@ -390,17 +410,14 @@ def test_a_stale_bundle_is_rebuilt_in_the_backup(tmp_path, model_cache):
 # -- PostgreSQL ---------------------------------------------------------------------------------------
 
 
-def test_backup_and_restore_with_postgresql(tmp_path, model_cache):
+def test_backup_and_restore_with_postgresql(tmp_path, model_cache, postgres_server):
+    """PostgreSQL to a backup to a SQLite home and to another PostgreSQL database (on both passes)."""
     samples = sorted(SAMPLES.rglob("*.jpg"))
     _copy_photos(samples[::4], tmp_path / "photos")
     queries = sorted((tmp_path / "photos").rglob("*.jpg"))[::4]
-    with throwaway_cluster() as url:
-        restored_url = url.rsplit("/", 1)[0] + "/restored"
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE restored"))
-        admin.dispose()
-
+    names = [postgres_server.create("source"), postgres_server.create("restored")]
+    url, restored_url = (postgres_server.database_url(name) for name in names)
+    try:
         source = Library(Settings(home=tmp_path / "pg-home", database_url=url, model_cache=model_cache))
         index_folders(source, [str(tmp_path / "photos")])
         want = _ranking(source, queries)
@@ -410,12 +427,16 @@ def test_backup_and_restore_with_postgresql(tmp_path, model_cache):
         assert info["schema_revision"] == current_revision(make_engine(url))
         _assert_backup_agrees(tmp_path / "backup")
 
-        # Into a fresh SQLite home.
-        result = restore_home(
-            Settings(home=tmp_path / "sqlite-home", model_cache=model_cache), tmp_path / "backup", notify=print
+        # Into a fresh SQLite home (named explicitly: the PostgreSQL pass sets LOOKALIKE_DATABASE_URL).
+        sqlite_home = Settings(
+            home=tmp_path / "sqlite-home",
+            database_url=f"sqlite:///{tmp_path / 'sqlite-home' / 'lookalike.db'}",
+            model_cache=model_cache,
         )
+        result = restore_home(sqlite_home, tmp_path / "backup", notify=print)
         assert result["images"] == 20 and result["vectors"] == 20 and result["repairs"] == []
-        copy = Library(Settings(home=tmp_path / "sqlite-home", model_cache=model_cache))
+        assert _db_snapshot(sqlite_home.resolved_database_url) == _db_snapshot(url)
+        copy = Library(sqlite_home)
         _assert_same_rankings(_ranking(copy, queries), want)
         copy.close()
 
@@ -436,3 +457,6 @@ def test_backup_and_restore_with_postgresql(tmp_path, model_cache):
         added = index_folders(library, [str(tmp_path / "later")])
         assert added.added == 2 and len(library.index()) == 22
         library.close()
+    finally:
+        for name in names:
+            postgres_server.drop(name)
