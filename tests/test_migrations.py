@@ -1,5 +1,8 @@
 """The schema comes from Alembic alone: migrations build it from nothing, agree with the models,
-go down and up again, keep data across upgrades, and `lookalike db upgrade` applies them."""
+go down and up again, keep data across upgrades, and `lookalike db upgrade` applies them.
+
+The tests marked `storage` take their databases from `new_database`, so the PostgreSQL pass
+(`--database=postgres`) runs them against PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -16,16 +20,27 @@ from sqlalchemy import inspect, text
 from typer.testing import CliRunner
 
 import cli
+import databases
 from indexer.database import alembic_config, current_revision, make_engine, upgrade
 from indexer.library import Library
 from indexer.models import Base
-from indexer.settings import Settings
 
 runner = CliRunner()
 
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def new_database(tmp_path):
+    """`new_database(name)`: the URL of a new, empty database of the selected kind (a SQLite file
+    not yet created, or a fresh PostgreSQL database dropped after the test)."""
+
+    def make(name: str) -> str:
+        return databases.database_url(tmp_path / name) or sqlite_url(tmp_path / f"{name}.db")
+
+    return make
 
 
 def revisions() -> list[str]:
@@ -56,8 +71,9 @@ def test_revision_history_is_a_single_line():
         assert script.get_revision(newer).down_revision == older
 
 
-def test_upgrade_from_an_empty_database_creates_every_table(tmp_path):
-    engine = make_engine(sqlite_url(tmp_path / "empty.db"))
+@pytest.mark.storage
+def test_upgrade_from_an_empty_database_creates_every_table(new_database):
+    engine = make_engine(new_database("empty"))
     assert tables(engine) == set() and current_revision(engine) is None
     upgrade(engine)
     assert {"backbones", "roots", "images", "embeddings"} <= model_tables()
@@ -77,8 +93,9 @@ def test_upgrade_from_an_empty_database_creates_every_table(tmp_path):
     engine.dispose()
 
 
-def test_models_and_migrations_agree(tmp_path):
-    engine = make_engine(sqlite_url(tmp_path / "compare.db"))
+@pytest.mark.storage
+def test_models_and_migrations_agree(new_database):
+    engine = make_engine(new_database("compare"))
     upgrade(engine)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
@@ -94,8 +111,9 @@ def test_models_and_migrations_agree(tmp_path):
     engine.dispose()
 
 
-def test_every_revision_goes_down_and_up_again(tmp_path):
-    url = sqlite_url(tmp_path / "updown.db")
+@pytest.mark.storage
+def test_every_revision_goes_down_and_up_again(new_database):
+    url = new_database("updown")
     cfg = alembic_config(url)  # no connection handed in: env.py builds its own engine from the URL
     command.upgrade(cfg, "head")
     engine = make_engine(url)
@@ -109,9 +127,14 @@ def test_every_revision_goes_down_and_up_again(tmp_path):
     engine.dispose()
 
 
-def test_offline_sql_script(tmp_path):
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_offline_sql_script(tmp_path, dialect):
     buffer = io.StringIO()
-    cfg = alembic_config(sqlite_url(tmp_path / "never-created.db"))
+    url = {
+        "sqlite": sqlite_url(tmp_path / "never-created.db"),
+        "postgresql": "postgresql+psycopg://nobody@127.0.0.1:1/x",
+    }
+    cfg = alembic_config(url[dialect])  # never connected to
     cfg.output_buffer = buffer
     command.upgrade(cfg, "head", sql=True)
     script = buffer.getvalue()
@@ -121,8 +144,9 @@ def test_offline_sql_script(tmp_path):
     assert not (tmp_path / "never-created.db").exists()
 
 
-def test_upgrading_an_older_database_keeps_its_data(tmp_path, model_cache):
-    url = sqlite_url(tmp_path / "home" / "lookalike.db")
+@pytest.mark.storage
+def test_upgrading_an_older_database_keeps_its_data(tmp_path, settings):
+    url = settings.resolved_database_url
     (tmp_path / "home").mkdir()
     engine = make_engine(url)
     upgrade(engine, revisions()[0])
@@ -143,7 +167,7 @@ def test_upgrading_an_older_database_keeps_its_data(tmp_path, model_cache):
     engine.dispose()
 
     # Opening the home folder applies the pending migrations itself.
-    library = Library(Settings(home=tmp_path / "home", model_cache=model_cache))
+    library = Library(settings)
     assert current_revision(library.engine) == head()
     with library.engine.connect() as conn:
         assert conn.execute(text("SELECT path, content_hash FROM images WHERE id = 7")).one() == (
@@ -155,23 +179,24 @@ def test_upgrading_an_older_database_keeps_its_data(tmp_path, model_cache):
     library.close()
 
 
-def test_cli_db_upgrade(tmp_path, monkeypatch):
-    home = tmp_path / "home"
+@pytest.mark.storage
+def test_cli_db_upgrade(tmp_path, monkeypatch, new_database):
+    home = tmp_path / "home"  # LOOKALIKE_HOME, with its database
     result = runner.invoke(cli.app, ["db", "upgrade", "--home", str(home)])
     assert result.exit_code == 0, result.output
     assert f"database at revision {head()}" in result.stderr
-    engine = make_engine(sqlite_url(home / "lookalike.db"))
+    engine = make_engine(databases.resolved_url(home))
     assert tables(engine) == model_tables() | {"alembic_version"}
     engine.dispose()
     again = runner.invoke(cli.app, ["db", "upgrade", "--home", str(home)])
     assert again.exit_code == 0 and f"database at revision {head()}" in again.stderr
 
     # LOOKALIKE_DATABASE_URL puts the database elsewhere.
-    elsewhere = tmp_path / "elsewhere.db"
-    monkeypatch.setenv("LOOKALIKE_DATABASE_URL", sqlite_url(elsewhere))
+    elsewhere = new_database("elsewhere")
+    monkeypatch.setenv("LOOKALIKE_DATABASE_URL", elsewhere)
     result = runner.invoke(cli.app, ["db", "upgrade", "--home", str(tmp_path / "home2")])
     assert result.exit_code == 0, result.output
-    engine = make_engine(sqlite_url(elsewhere))
+    engine = make_engine(elsewhere)
     assert current_revision(engine) == head()
     engine.dispose()
     assert not (tmp_path / "home2" / "lookalike.db").exists()
@@ -195,10 +220,11 @@ upgrade(make_engine(sys.argv[1]))
 """
 
 
-def test_a_migration_killed_half_way_leaves_nothing_half_done(tmp_path):
+@pytest.mark.storage
+def test_a_migration_killed_half_way_leaves_nothing_half_done(new_database):
     """The first run on a new home may be killed while it creates the schema; the next must work."""
     for statement in (2, 5, 9):  # die just before the n-th DDL/DML statement of the upgrade
-        url = sqlite_url(tmp_path / f"killed-{statement}.db")
+        url = new_database(f"killed-{statement}")
         proc = subprocess.run([sys.executable, "-c", _KILLED_MIGRATION, url, str(statement)], capture_output=True)
         assert proc.returncode == 9, proc.stderr
         engine = make_engine(url)
