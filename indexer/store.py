@@ -262,8 +262,15 @@ def failures(session: Session, limit: int = 1000) -> list[tuple[str, str]]:
     return [(path, error or "") for path, error in rows]
 
 
+def id_fits(session: Session, image_id: int) -> bool:
+    """Whether a row could have this id. SQLite's INTEGER holds 64 bits, PostgreSQL's only 32: a
+    larger id names no image there, rather than failing the query ("integer out of range")."""
+    bits = 64 if session.get_bind().dialect.name == "sqlite" else 32
+    return -(2 ** (bits - 1)) <= image_id < 2 ** (bits - 1)
+
+
 def get_image(session: Session, image_id: int) -> ImageRow | None:
-    return session.get(ImageRow, image_id)
+    return session.get(ImageRow, image_id) if id_fits(session, image_id) else None
 
 
 def image_id_for_path(session: Session, path: str) -> int | None:
