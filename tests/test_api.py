@@ -29,12 +29,15 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import REPO, SAMPLES, cli_command
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.settings import Settings
 from service.app import create_app
+
+pytestmark = pytest.mark.storage
 
 THUMB = 96  # the configured thumbnail size (default is 256; a non-default proves it is honoured)
 LIMIT = 64_000  # upload limit for the limit tests; the sample photos are 20-60 kB
@@ -81,7 +84,7 @@ def indexed(tmp_path_factory, model_cache) -> Iterator[Indexed]:
         png = photos / "other" / "cat.png"
         shutil.copy2(CAT_PNG, png)
 
-        settings = Settings(home=root / "home", model_cache=model_cache, thumbnail_size=THUMB)
+        settings = databases.home_settings(root / "home", model_cache=model_cache, thumbnail_size=THUMB)
         library = Library(settings)
         report = index_folders(library, [str(photos)])
         assert report.failed == [] and report.added == 22
@@ -136,9 +139,8 @@ def test_search_by_upload_has_the_cli_json_shape(client, indexed):
     assert scores == sorted(scores, reverse=True)
 
     # `lookalike search FILE --json` prints the same document for the same query.
-    cli_run = CliRunner().invoke(
-        cli.app, ["search", str(query), "-k", "5", "--json", "--home", str(indexed.home)], catch_exceptions=False
-    )
+    args = ["search", str(query), "-k", "5", "--json", "--home", str(indexed.home)]
+    cli_run = CliRunner().invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert cli_run.exit_code == 0, cli_run.output
     from_cli = json.loads(cli_run.stdout)
     assert set(from_cli) == set(payload)
@@ -370,7 +372,7 @@ def _multipart_parts(boundary: str) -> tuple[bytes, bytes]:
 
 
 def test_upload_limit_in_process(indexed):
-    small = Settings(home=indexed.home, model_cache=indexed.settings.model_cache, max_upload_bytes=LIMIT)
+    small = databases.home_settings(indexed.home, model_cache=indexed.settings.model_cache, max_upload_bytes=LIMIT)
     app = create_app(small)
     photo = next(p for p in jpegs(indexed) if p.stat().st_size < LIMIT - 1000)
     with TestClient(app) as test_client:
@@ -443,6 +445,7 @@ def server(indexed, tmp_path_factory) -> Iterator[str]:
         LOOKALIKE_MODEL_CACHE=str(indexed.settings.model_cache),
         LOOKALIKE_MAX_UPLOAD_BYTES=str(LIMIT),
         LOOKALIKE_THUMBNAIL_SIZE=str(THUMB),
+        **databases.home_env(indexed.home),
     )
     log = tmp_path_factory.mktemp("server") / "serve.log"
     log_file = open(log, "wb")  # a file, not a pipe nobody drains

@@ -1,7 +1,7 @@
 """Filtered search is exact: the same ids, in the same order, as brute force over the allowed set.
 
 Two settings: the real index (80 clothing photos and a cat, tagged by two trained heads and the
-built-in ImageNet head), queried through the search functions and the CLI; and a synthetic
+built-in ImageNet head), queried through the search functions and the CLI (storage tests); and a synthetic
 FAISS index of 20,000 random unit vectors with tag postings built directly, at selectivities
 from 50% down to 0.1%, queried through TagIndex.allowed and VectorIndex.search_filtered.
 
@@ -24,6 +24,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import SAMPLES
 from indexer import store
 from indexer.filters import TagFilter, TagIndex
@@ -34,7 +35,6 @@ from indexer.library import Library
 from indexer.models import HeadRow, ImageRow, TagRow
 from indexer.pipeline import index_folders
 from indexer.search import embed_image_bytes, search_image, search_similar
-from indexer.settings import Settings
 from indexer.vector_index import OVERFETCH_MIN_SELECTIVITY, VectorIndex
 
 CAT = Path(__file__).resolve().parent / "data" / "cat" / "chelsea.png"
@@ -119,7 +119,7 @@ class Real:
         return sorted((h, lab, s) for i, h, lab, s in self.tag_rows if i == image_id)
 
     def library(self) -> Library:
-        return Library(Settings(home=self.home, model_cache=self.model_cache))
+        return Library(databases.home_settings(self.home, model_cache=self.model_cache))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def real(tmp_path_factory, model_cache) -> Real:
         "path,labels\n" + "".join(f"{p},{'shoes' if p.parent.name == 'shoes' else 'other'}\n" for p in photos)
     )
 
-    library = Library(Settings(home=root / "home", model_cache=model_cache))
+    library = Library(databases.home_settings(root / "home", model_cache=model_cache))
     report = index_folders(library, [str(root / "images"), str(root / "cat")])
     assert report.added == 81
     clothes = label_io.finalise(label_io.read_csv(root / "labels.csv", "multiclass"))
@@ -195,6 +195,7 @@ def _check_response(real: Real, response, query: np.ndarray, tag_filter: TagFilt
     return response.strategy
 
 
+@pytest.mark.storage
 def test_real_index_every_filter_matches_brute_force(real):
     filters = _real_filters(real)
     library = real.library()
@@ -216,6 +217,7 @@ def test_real_index_every_filter_matches_brute_force(real):
     assert counts.get("overfetch", 0) > 50 and counts.get("subset", 0) > 50 and counts.get("empty", 0) > 10, counts
 
 
+@pytest.mark.storage
 def test_real_index_bare_labels_and_heads(real):
     """A bare label matches it in any head; head:label only in that head."""
     shoes_clothes = real.masks("clothes:shoes", 0.0)
@@ -244,11 +246,12 @@ def test_real_index_bare_labels_and_heads(real):
     library.close()
 
 
+@pytest.mark.storage
 def test_real_index_cli_search_json_carries_tags(real):
     query = real.photos[10]
     args = ["search", str(query), "--tag", "footwear:other", "--not-tag", "clothes:pants", "--min-score", "0.3",
             "-k", "7", "--json", "--home", str(real.home)]  # fmt: skip
-    result = runner.invoke(cli.app, args, catch_exceptions=False)
+    result = runner.invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     tag_filter = TagFilter(("footwear:other",), (), ("clothes:pants",), 0.3)
@@ -268,7 +271,7 @@ def test_real_index_cli_search_json_carries_tags(real):
     image_id = int(real.ids[20])
     args = ["search", str(image_id), "--any-tag", "clothes:dress", "--any-tag", "clothes:skirt", "-k", "50", "--json",
             "--home", str(real.home)]  # fmt: skip
-    result = runner.invoke(cli.app, args, catch_exceptions=False)
+    result = runner.invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert result.exit_code == 0, result.output
     ids = [r["id"] for r in json.loads(result.stdout)["results"]]
     allowed = reference_allowed(real.masks, real.ids, TagFilter((), ("clothes:dress", "clothes:skirt")))

@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, select
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import SAMPLES
 from indexer import store
 from indexer.backbones import imagenet_labels
@@ -34,12 +35,13 @@ from indexer.heads.storage import StoredHead, load_heads, predict, save_head
 from indexer.library import Library
 from indexer.models import BackboneRow, HeadRow, ImageRow, TagRow
 from indexer.pipeline import index_folders
-from indexer.settings import Settings
 
 CAT = Path(__file__).resolve().parent / "data" / "cat" / "chelsea.png"
 CLASSES = sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
 CAT_CLASSES = {"tabby", "tiger cat", "persian cat", "siamese cat", "egyptian cat"}
 SANITY = re.compile(r"initial loss (\d+\.\d+), expected (\d+\.\d+) \(([^)]*)\)")
+
+pytestmark = pytest.mark.storage
 
 runner = CliRunner()
 
@@ -69,7 +71,7 @@ def corpus(tmp_path_factory, model_cache) -> Corpus:
     shutil.copy2(SAMPLES.parent / "labels.csv", root / "labels.csv")  # paths relative to the CSV
     (root / "cat").mkdir()
     shutil.copy2(CAT, root / "cat" / "chelsea.png")
-    library = Library(Settings(home=root / "template", model_cache=model_cache))
+    library = Library(databases.home_settings(root / "template", model_cache=model_cache))
     report = index_folders(library, [str(root / "images"), str(root / "cat")])
     library.close()
     assert report.added == 81 and not report.failed
@@ -79,9 +81,7 @@ def corpus(tmp_path_factory, model_cache) -> Corpus:
 @pytest.fixture
 def home(corpus, tmp_path) -> Path:
     """A private copy of the indexed home folder (the same path LOOKALIKE_HOME points at)."""
-    dest = tmp_path / "home"
-    shutil.copytree(corpus.template, dest)
-    return dest
+    return databases.copy_home(corpus.template, tmp_path / "home")
 
 
 def invoke(*args: str):
@@ -150,7 +150,7 @@ class Snapshot:
 
 
 def snapshot(home: Path, model_cache: Path) -> Snapshot:
-    library = Library(Settings(home=home, model_cache=model_cache))
+    library = Library(databases.home_settings(home, model_cache=model_cache))
     try:
         with library.sessions() as session:
             backbone = store.backbone_in_use(session)
@@ -515,7 +515,7 @@ def test_retag_and_delete(home, corpus, tmp_path):
     imagenet_before = {i: t["imagenet"] for i, t in before.tags.items()}
 
     # Lose the head's tags, then `lookalike tag --head` writes them again, and only them.
-    library = Library(Settings(home=home, model_cache=corpus.model_cache))
+    library = Library(databases.home_settings(home, model_cache=corpus.model_cache))
     with library.sessions.begin() as session:
         head_id = session.scalar(select(HeadRow.id).where(HeadRow.name == "footwear"))
         session.execute(delete(TagRow).where(TagRow.head_id == head_id))
@@ -538,7 +538,7 @@ def test_retag_and_delete(home, corpus, tmp_path):
     assert "footwear" not in gone.heads
     assert all("footwear" not in t for t in gone.tags.values())
     assert {i: t["imagenet"] for i, t in gone.tags.items()} == imagenet_before
-    library = Library(Settings(home=home, model_cache=corpus.model_cache))
+    library = Library(databases.home_settings(home, model_cache=corpus.model_cache))
     with library.sessions() as session:
         assert session.scalar(select(func.count()).select_from(TagRow).where(TagRow.head_id == head_id)) == 0
     library.close()
@@ -682,7 +682,7 @@ def test_empty_label_is_allowed_in_a_multilabel_file(home, corpus, tmp_path):
 def test_a_head_from_another_backbone_is_refused(home, corpus, tmp_path):
     # A head whose weights were made for another backbone's embeddings (EfficientNet-Lite2,
     # 1280-d as well, so the shapes alone would not catch it) sits in this database.
-    library = Library(Settings(home=home, model_cache=corpus.model_cache))
+    library = Library(databases.home_settings(home, model_cache=corpus.model_cache))
     rng = np.random.default_rng(0)
     with library.sessions.begin() as session:
         current = store.backbone_in_use(session)
@@ -710,7 +710,7 @@ def test_a_head_from_another_backbone_is_refused(home, corpus, tmp_path):
 
 
 def snapshot_tags_of(home: Path, model_cache: Path, head: str) -> int:
-    library = Library(Settings(home=home, model_cache=model_cache))
+    library = Library(databases.home_settings(home, model_cache=model_cache))
     with library.sessions() as session:
         count = session.scalar(
             select(func.count())

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import cli_command
 
+pytestmark = pytest.mark.storage
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

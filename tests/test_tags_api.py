@@ -22,6 +22,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import cli
+import databases
 from conftest import SAMPLES
 from indexer import store
 from indexer.filters import TagFilter
@@ -36,6 +37,8 @@ from indexer.settings import Settings
 from service.app import create_app
 
 CAT = Path(__file__).resolve().parent / "data" / "cat" / "chelsea.png"
+pytestmark = pytest.mark.storage
+
 CLASSES = sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
 
 
@@ -60,7 +63,7 @@ def served(tmp_path_factory, model_cache):
     footwear_csv.write_text(
         "path,labels\n" + "".join(f"{p},{'shoes' if p.parent.name == 'shoes' else 'other'}\n" for p in photos)
     )
-    settings = Settings(home=root / "home", model_cache=model_cache)
+    settings = databases.home_settings(root / "home", model_cache=model_cache)
     library = Library(settings)
     assert index_folders(library, [str(root / "images"), str(root / "cat")]).added == 81
     train(library, "clothes", label_io.finalise(label_io.read_csv(root / "labels.csv", "multiclass")), TrainOptions())
@@ -228,7 +231,8 @@ def report_threshold(head: dict) -> float:
 def test_export_carries_tags(served, tmp_path):
     runner = CliRunner()
     out = tmp_path / "export.parquet"
-    result = runner.invoke(cli.app, ["export", str(out), "--home", str(served.settings.home)], catch_exceptions=False)
+    args = ["export", str(out), "--home", str(served.settings.home)]
+    result = runner.invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert result.exit_code == 0, result.output
     table = pq.read_table(out)
     assert "tags" in table.column_names and table.num_rows == 81
@@ -242,7 +246,8 @@ def test_export_carries_tags(served, tmp_path):
         assert np.allclose([s for *_, s in got], [s for *_, s in want], atol=1e-6)  # stored as float32
 
     npz = tmp_path / "export.npz"
-    result = runner.invoke(cli.app, ["export", str(npz), "--home", str(served.settings.home)], catch_exceptions=False)
+    args = ["export", str(npz), "--home", str(served.settings.home)]
+    result = runner.invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert result.exit_code == 0, result.output
     with np.load(npz) as data:
         for image_id, tags in zip(data["id"].tolist(), data["tags"].tolist()):
