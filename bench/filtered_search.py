@@ -55,17 +55,17 @@ def run(n: int, queries: int, seed: int = 0) -> dict:
     qs = real[picks] + rng.normal(0, 0.05, (queries, real.shape[1])).astype(np.float32)
     qs /= np.linalg.norm(qs, axis=1, keepdims=True)
 
-    unfiltered_ms = []
-    for q in qs:
-        t = time.perf_counter()
-        index.search(q[None], K)
-        unfiltered_ms.append((time.perf_counter() - t) * 1000)
-    rows = []
+    # Each query is timed unfiltered and filtered back to back, so both see the same machine load
+    # and cache state; the exact ground truth and the naive baseline are computed outside the timing.
+    rows, all_unfiltered = [], []
     for sel in SELECTIVITIES:
         tag_filter = TagFilter(all_of=(f"bench:s{sel}",))
-        ours_ms, ours_recall, naive_recall, naive_count, strategies = [], [], [], [], set()
+        unfiltered_ms, ours_ms, ours_recall, naive_recall, naive_count, strategies = [], [], [], [], [], set()
         for q in qs:
             truth = brute_force(q, ids, x, masks[sel], K)
+            t = time.perf_counter()
+            (naive,) = index.search(q[None], K)
+            unfiltered_ms.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
             allowed = tags.allowed(tag_filter, index.ids)
             hits, strategy = index.search_filtered(q, K, allowed)
@@ -73,10 +73,10 @@ def run(n: int, queries: int, seed: int = 0) -> dict:
             strategies.add(strategy)
             got = np.array([h.id for h in hits])
             ours_recall.append(len(np.intersect1d(got, truth)) / len(truth))
-            (naive,) = index.search(q[None], K)
             naive_ids = np.array([h.id for h in naive if np.isin(h.id, allowed)])
             naive_recall.append(len(np.intersect1d(naive_ids, truth)) / len(truth))
             naive_count.append(len(naive_ids))
+        all_unfiltered += unfiltered_ms
         rows.append(
             {
                 "selectivity": sel,
@@ -85,6 +85,7 @@ def run(n: int, queries: int, seed: int = 0) -> dict:
                 "recall": float(np.mean(ours_recall)),
                 "p50_ms": float(np.percentile(ours_ms, 50)),
                 "p99_ms": float(np.percentile(ours_ms, 99)),
+                "unfiltered_p50_ms": float(np.percentile(unfiltered_ms, 50)),
                 "naive_recall": float(np.mean(naive_recall)),
                 "naive_mean_results": float(np.mean(naive_count)),
             }
@@ -93,7 +94,7 @@ def run(n: int, queries: int, seed: int = 0) -> dict:
         "vectors": n,
         "queries": queries,
         "k": K,
-        "unfiltered_p50_ms": float(np.median(unfiltered_ms)),
+        "unfiltered_p50_ms": float(np.median(all_unfiltered)),
         "rows": rows,
     }
 
@@ -114,8 +115,8 @@ def plot(result: dict) -> None:
     left.set_ylim(-0.05, 1.05)
     left.legend(fontsize=8)
     right.semilogx(sel, [r["p50_ms"] for r in rows], "o-", label="filtered p50")
-    right.axhline(result["unfiltered_p50_ms"], color="grey", linestyle="--", label="unfiltered p50")
-    right.axhline(2 * result["unfiltered_p50_ms"], color="red", linestyle=":", label="2x unfiltered")
+    right.semilogx(sel, [r["unfiltered_p50_ms"] for r in rows], "s--", color="grey", label="unfiltered p50")
+    right.semilogx(sel, [2 * r["unfiltered_p50_ms"] for r in rows], ":", color="red", label="2x unfiltered")
     right.set_xlabel("selectivity")
     right.set_ylabel("latency (ms)")
     right.legend(fontsize=8)
@@ -135,12 +136,13 @@ def main() -> None:
     result = run(n, queries)
     base = result["unfiltered_p50_ms"]
     print(f"{n:,} vectors, {queries} queries, k={K}; unfiltered search p50 {base:.2f} ms")
-    print("selectivity  matching  strategy   recall  p50 ms  (x unfiltered)  | naive recall  naive results")
+    print("selectivity  matching  strategy   recall  p50 ms  unfiltered p50 (x)  | naive recall  naive results")
     for r in result["rows"]:
-        ok = r["recall"] == 1.0 and r["p50_ms"] <= 2 * base
+        ratio = r["p50_ms"] / r["unfiltered_p50_ms"]
+        ok = r["recall"] == 1.0 and ratio <= 2
         print(
             f"{r['selectivity']:>10.1%}  {r['matching']:>8}  {r['strategy']:<9}  {r['recall']:.3f}  "
-            f"{r['p50_ms']:6.2f}  ({r['p50_ms'] / base:4.2f}x)  {'OK  ' if ok else 'MISS'}  |  "
+            f"{r['p50_ms']:6.2f}  {r['unfiltered_p50_ms']:6.2f} ({ratio:4.2f}x)  {'OK  ' if ok else 'MISS'}  |  "
             f"{r['naive_recall']:.3f}        {r['naive_mean_results']:.1f} of {K}"
         )
     print(load_line(machine_load()))
