@@ -632,6 +632,11 @@ def _bad_cases(corpus: Corpus, folder: Path) -> dict[str, tuple[list[str], str]]
             ["--type", "binary", "--positive", "boots", *labels("pos.csv", shoes + hats)],
             "--positive 'boots' is not one of the classes ['hat', 'shoes']",
         ),
+        # SQLite would store it; PostgreSQL's text cannot hold NUL, so no database takes it.
+        "nul_in_label": (
+            ["--type", "multiclass", *labels("nul.csv", shoes + [(path, "h\x00at") for path, _ in hats])],
+            "nul.csv:10: a NUL character in",
+        ),
     }
 
 
@@ -646,6 +651,7 @@ BAD_CASES = [
     "wrong_header",
     "negatives_for_multiclass",
     "unknown_positive",
+    "nul_in_label",
 ]
 
 

@@ -59,6 +59,8 @@ def read_csv(path: Path, kind: str, *, root: Path | None = None) -> LabelSet:
                 if not row or not any(cell.strip() for cell in row):
                     continue
                 at = f"{path}:{line_no}"
+                if any("\x00" in cell for cell in row):  # PostgreSQL's text cannot hold one; nor can a path
+                    raise LabelError(f"{at}: a NUL character in {row!r}")
                 if len(row) < 2:
                     raise LabelError(f"{at}: expected 'path,labels', found {row!r}")
                 file_path, field_text = row[0].strip(), row[1].strip()
