@@ -104,11 +104,30 @@ def files_under(session: Session, root: str) -> dict[str, KnownFile]:
     }
 
 
+# Values per IN (...) list: PostgreSQL takes at most 65535 bound parameters in one statement
+# (this SQLite 250000), so every lookup by a caller's list goes in chunks.
+CHUNK = 500
+
+
+def chunks(values: list, size: int = CHUNK) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 def files_by_paths(session: Session, paths: list[str]) -> dict[str, KnownFile]:
     found: dict[str, KnownFile] = {}
-    for start in range(0, len(paths), 500):
-        rows = session.execute(select(*_KNOWN_COLUMNS).where(ImageRow.path.in_(paths[start : start + 500])))
+    for chunk in chunks(paths):
+        rows = session.execute(select(*_KNOWN_COLUMNS).where(ImageRow.path.in_(chunk)))
         found.update({row[0]: KnownFile(*row[1:]) for row in rows})
+    return found
+
+
+def ids_by_path(session: Session, paths: Iterable[str]) -> dict[str, int]:
+    """The image id of each of these paths that has a row."""
+    found: dict[str, int] = {}
+    for chunk in chunks(list(dict.fromkeys(paths))):
+        rows = session.execute(select(ImageRow.path, ImageRow.id).where(ImageRow.path.in_(chunk)))
+        found.update((path, image_id) for path, image_id in rows)
     return found
 
 
@@ -182,7 +201,7 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
             height=item.height,
             format=item.format,
             status=STATUS_FAILED if item.error else STATUS_INDEXED,
-            error=item.error,
+            error=_storable_text(item.error),
             indexed_at=now,
         )
         for position, item in enumerate(items)
@@ -200,6 +219,12 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
         if item.vector is not None
     )
     return [row.id for row in rows]
+
+
+def _storable_text(text: str | None) -> str | None:
+    """A reason as every database stores it: PostgreSQL's text cannot hold NUL, which would fail
+    the whole batch (a decoder's message may quote bytes of a hostile file)."""
+    return None if text is None else text.replace("\x00", "\\x00")
 
 
 def touch_images(session: Session, updates: dict[int, tuple[int, int]]) -> None:
@@ -247,6 +272,14 @@ def iter_vectors(
                 yield ids_out, vectors
 
 
+def code_point_order(session: Session, column):
+    """`column` for ORDER BY in code point order, as SQLite and Python's sorted() order text.
+
+    PostgreSQL sorts by the database's collation (en_US and ICU: case and accents count only after
+    the letters), so listings came in another order there than on SQLite."""
+    return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
+
+
 def status_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status))
     return {status: count for status, count in rows}
@@ -256,7 +289,7 @@ def failures(session: Session, limit: int = 1000) -> list[tuple[str, str]]:
     rows = session.execute(
         select(ImageRow.path, ImageRow.error)
         .where(ImageRow.status == STATUS_FAILED)
-        .order_by(ImageRow.path)
+        .order_by(code_point_order(session, ImageRow.path))
         .limit(limit)
     )
     return [(path, error or "") for path, error in rows]
@@ -278,7 +311,7 @@ def image_id_for_path(session: Session, path: str) -> int | None:
 
 
 def images_by_ids(session: Session, ids: Iterable[int]) -> dict[int, ImageRow]:
-    ids = list(ids)
-    if not ids:
-        return {}
-    return {row.id: row for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}
+    found: dict[int, ImageRow] = {}
+    for chunk in chunks([int(i) for i in ids if id_fits(session, int(i))]):
+        found.update({row.id: row for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(chunk)))})
+    return found

@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from indexer import store
 from indexer.errors import BackboneMismatch, LookalikeError
 from indexer.heads.model import Head
 from indexer.models import BackboneRow, HeadRow, TagRow
@@ -76,7 +77,7 @@ def _to_stored(row: HeadRow) -> StoredHead:
 
 
 def load_heads(session: Session, backbone_id: int, names: Iterable[str] | None = None) -> list[StoredHead]:
-    query = select(HeadRow).order_by(HeadRow.name)
+    query = select(HeadRow).order_by(store.code_point_order(session, HeadRow.name))
     wanted = list(names) if names is not None else None
     if wanted is not None:
         query = query.where(HeadRow.name.in_(wanted))
@@ -108,7 +109,7 @@ def head_row(session: Session, name: str) -> HeadRow:
 
 
 def list_heads(session: Session) -> list[HeadRow]:
-    return list(session.scalars(select(HeadRow).order_by(HeadRow.name)))
+    return list(session.scalars(select(HeadRow).order_by(store.code_point_order(session, HeadRow.name))))
 
 
 def delete_head(session: Session, name: str) -> None:
@@ -154,14 +155,13 @@ def write_tags(
 def tags_of(session: Session, image_ids: list[int]) -> dict[int, list[dict]]:
     """Each image's tags as {head, label, score}, strongest first within a head."""
     out: dict[int, list[dict]] = {int(i): [] for i in image_ids}
-    if not image_ids:
-        return out
-    rows = session.execute(
-        select(TagRow.image_id, HeadRow.name, TagRow.label, TagRow.score)
-        .join(HeadRow, HeadRow.id == TagRow.head_id)
-        .where(TagRow.image_id.in_(list(out)))
-        .order_by(TagRow.image_id, HeadRow.name, TagRow.score.desc())
-    )
-    for image_id, head, label, score in rows:
-        out[image_id].append({"head": head, "label": label, "score": float(score)})
+    for chunk in store.chunks(list(out)):
+        rows = session.execute(
+            select(TagRow.image_id, HeadRow.name, TagRow.label, TagRow.score)
+            .join(HeadRow, HeadRow.id == TagRow.head_id)
+            .where(TagRow.image_id.in_(chunk))
+            .order_by(TagRow.image_id, store.code_point_order(session, HeadRow.name), TagRow.score.desc())
+        )
+        for image_id, head, label, score in rows:
+            out[image_id].append({"head": head, "label": label, "score": float(score)})
     return out

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 
 from indexer import store
 from indexer.decode import decode_for_model
@@ -21,7 +20,6 @@ from indexer.heads.plots import save_plots
 from indexer.heads.storage import head_row, load_heads, save_head, write_tags
 from indexer.heads.training import TrainOptions, TrainResult, train_head
 from indexer.library import Library
-from indexer.models import ImageRow
 
 Log = Callable[[str], None]
 
@@ -38,9 +36,7 @@ def embeddings_for(library: Library, labels: LabelSet) -> Embedded:
     """Stored vectors for indexed paths; others are decoded and embedded now (errors name the line)."""
     backbone_id = _backbone_id(library)
     with library.sessions() as session:
-        path_to_id = dict(
-            session.execute(select(ImageRow.path, ImageRow.id).where(ImageRow.path.in_(labels.paths))).all()
-        )
+        path_to_id = store.ids_by_path(session, labels.paths)
         stored = {}
         for ids, vectors, norms in store.iter_vectors(session, backbone_id, ids=list(path_to_id.values()), norms=True):
             for image_id, vector, norm in zip(ids, vectors, norms):

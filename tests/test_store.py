@@ -1,0 +1,142 @@
+"""The store where databases differ, on the selected database (`--database=postgres` runs these on
+PostgreSQL): lookups by more values than one statement can bind (PostgreSQL takes 65535), LIKE
+wildcards in folder names, NUL in stored text, listings in one order whatever the collation, and
+image ids beyond the id column's range.
+
+No model is loaded: rows are written with store.write_images and 4-dimensional vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from indexer import store
+from indexer.heads.model import MULTICLASS, Head
+from indexer.heads.storage import list_heads, load_heads, save_head, tags_of, write_tags
+from indexer.library import Library
+from indexer.models import ImageRow
+from indexer.stats import collect_stats
+
+pytestmark = pytest.mark.storage
+
+DIM = 4
+
+
+@pytest.fixture
+def library(settings):
+    library = Library(settings)  # creates the schema: the test's own SQLite file or PostgreSQL database
+    yield library
+    library.close()
+
+
+def add_images(library: Library, paths: list[str], errors: dict[str, str] | None = None) -> dict[str, int]:
+    """Rows for `paths` (indexed with a vector, or failed with errors[path]); returns path -> id."""
+    errors = errors or {}
+    rng = np.random.default_rng(len(paths))
+    items = []
+    for number, path in enumerate(paths):
+        vector = rng.normal(size=DIM).astype(np.float32)
+        failed = errors.get(path)
+        items.append(
+            store.NewImage(
+                path,
+                size=100 + number,
+                mtime_ns=number,
+                content_hash=None if failed else f"hash-{path}",
+                error=failed,
+                vector=None if failed else vector / np.linalg.norm(vector),
+            )
+        )
+    with library.sessions.begin() as session:
+        backbone = store.ensure_backbone(session, "test-backbone", DIM)
+        ids = store.write_images(session, items, backbone.id, [])
+    return dict(zip(paths, ids))
+
+
+def test_lookups_by_more_values_than_one_statement_can_bind(library):
+    ids = add_images(library, [f"/photos/{n}.jpg" for n in range(6)])
+    many = 70_000  # more than PostgreSQL's 65535 parameters per statement
+    paths = [f"/elsewhere/{n}.jpg" for n in range(many)] + list(ids)
+    image_ids = list(range(10**6, 10**6 + many)) + list(ids.values())
+    head = Head("size", MULTICLASS, ["a", "b"], np.eye(2, DIM, dtype=np.float32), np.zeros(2, np.float32))
+    with library.sessions.begin() as session:
+        backbone_id = store.backbone_in_use(session).id
+        save_head(session, head, backbone_id, metrics={})
+        (stored,) = load_heads(session, backbone_id, ["size"])
+        vectors = np.eye(len(image_ids), DIM, dtype=np.float32)
+        written = write_tags(session, [stored], np.array(list(ids.values())), vectors[: len(ids)], None)
+    assert written >= len(ids)
+
+    with library.sessions() as session:
+        assert store.ids_by_path(session, paths) == ids
+        assert set(store.files_by_paths(session, paths)) == set(ids)
+        assert sorted(store.images_by_ids(session, image_ids)) == sorted(ids.values())
+        tags = tags_of(session, image_ids)
+        assert len(tags) == len(image_ids) and all(tags[i] for i in ids.values())
+        hashes = [f"hash-/elsewhere/{n}.jpg" for n in range(many)] + ["hash-/photos/0.jpg"]
+        assert set(store.vectors_by_hash(session, hashes, backbone_id)) == {"hash-/photos/0.jpg"}
+        found = [int(i) for part in store.iter_vectors(session, backbone_id, ids=image_ids) for i in part[0]]
+        assert sorted(found) == sorted(ids.values())
+    with library.sessions.begin() as session:
+        store.delete_images(session, image_ids)
+    with library.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ImageRow)) == 0
+
+
+def test_folder_names_with_like_wildcards_match_only_themselves(library):
+    roots = ["/p/a_b", "/p/50%", "/p/back\\slash", "/p/Case"]
+    inside = {root: [f"{root}/1.jpg", f"{root}/deeper/2.jpg"] for root in roots}
+    decoys = [
+        "/p/aXb/1.jpg",  # _ is any one character to LIKE
+        "/p/50 percent/1.jpg",  # % is anything
+        "/p/backXslash/1.jpg",
+        "/p/back/slash/1.jpg",
+        "/p/case/1.jpg",  # SQLite's LIKE ignores ASCII case
+        "/p/Case.jpg",  # beside the folder, not in it
+        "/p/a_bc/1.jpg",
+    ]
+    add_images(library, [path for paths in inside.values() for path in paths] + decoys)
+    with library.sessions() as session:
+        for root, paths in inside.items():
+            assert sorted(store.files_under(session, root)) == sorted(paths), root
+            assert sorted(store.files_under(session, root + "/")) == sorted(paths), root
+
+
+def test_text_with_nul_is_stored(library):
+    """A decoder's reason may quote bytes of a hostile file; PostgreSQL's text cannot hold NUL, and
+    one such reason failed the whole batch there."""
+    reason = "cannot decode image (SyntaxError: bad chunk 'ab\x00cd')"
+    ids = add_images(library, ["/p/ok.jpg", "/p/bad.jpg"], errors={"/p/bad.jpg": reason})
+    with library.sessions() as session:
+        assert store.failures(session) == [("/p/bad.jpg", reason.replace("\x00", "\\x00"))]
+        assert store.get_image(session, ids["/p/ok.jpg"]).status == store.STATUS_INDEXED
+
+
+def test_listings_are_in_code_point_order_on_every_database(library):
+    """Failures (stats) and heads (heads list, /heads) come in Python's sorted() order, as on SQLite,
+    not in the PostgreSQL database's collation (en-US: a < B < é < Z)."""
+    paths = ["/p/B.jpg", "/p/a.jpg", "/p/Z/1.jpg", "/p/é.jpg", "/p/_x.jpg", "/p/b-2.jpg", "/p/b2.jpg"]
+    add_images(library, paths, errors={path: "not a supported image" for path in paths})
+    with library.sessions() as session:
+        assert [path for path, _ in store.failures(session)] == sorted(paths)
+    assert [f["path"] for f in collect_stats(library)["failures"]] == sorted(paths)
+
+    names = ["Zeta", "alpha", "Beta", "_private", "émigré", "beta2"]
+    with library.sessions.begin() as session:
+        backbone_id = store.backbone_in_use(session).id
+        for name in names:
+            head = Head(name, MULTICLASS, ["x", "y"], np.eye(2, DIM, dtype=np.float32), np.zeros(2, np.float32))
+            save_head(session, head, backbone_id, metrics={})
+    with library.sessions() as session:
+        assert [row.name for row in list_heads(session)] == sorted(names)
+        assert [stored.head.name for stored in load_heads(session, backbone_id)] == sorted(names)
+
+
+@pytest.mark.parametrize("image_id", [2**31 - 1, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63)])
+def test_ids_beyond_the_id_column_name_no_image(library, image_id):
+    add_images(library, ["/p/1.jpg"])
+    with library.sessions() as session:
+        assert store.get_image(session, image_id) is None
+        assert store.images_by_ids(session, [image_id, 1]).keys() == {1}
