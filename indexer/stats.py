@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sqlalchemy import text
+
 from indexer import store
 from indexer.library import Library
 from indexer.vector_index import read_manifest
@@ -14,7 +18,6 @@ def collect_stats(library: Library) -> dict:
         failed = store.failures(session, limit=50)
     manifest = read_manifest(library.index_dir) or {}
     index_file = library.index_dir / manifest["file"] if manifest.get("file") else None
-    db_file = library.home / "lookalike.db"
     return {
         "home": str(library.home),
         "database": library.engine.url.render_as_string(hide_password=True),
@@ -32,6 +35,19 @@ def collect_stats(library: Library) -> dict:
             "generation": manifest.get("generation", 0),
             "bytes": index_file.stat().st_size if index_file and index_file.exists() else 0,
         },
-        "database_bytes": db_file.stat().st_size if db_file.exists() else None,
+        "database_bytes": _database_bytes(library),
         "failures": [{"path": path, "reason": reason} for path, reason in failed],
     }
+
+
+def _database_bytes(library: Library) -> int | None:
+    """The database's size: its SQLite file wherever LOOKALIKE_DATABASE_URL puts it, or what
+    PostgreSQL reports for it (not a file under the home, which a PostgreSQL home lacks)."""
+    url = library.engine.url
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database) if url.database else None
+        return path.stat().st_size if path and path.exists() else None
+    if url.get_backend_name() == "postgresql":
+        with library.engine.connect() as conn:
+            return conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+    return None

@@ -480,6 +480,8 @@ def test_stats(all_photos):
     assert info["index"]["vectors"] == 80 and info["index"]["generation"] >= 1
     assert info["index"]["bytes"] > 80 * 1280 * 4
     assert info["home"] == str(all_photos.home.resolve()) and info["failures"] == []
+    assert info["database"] == databases.resolved_url(all_photos.home)
+    assert info["database_bytes"] > 80 * 1280 * 4  # the stored vectors alone
 
     text = invoke("stats", "--home", str(all_photos.home))
     assert text.exit_code == 0
