@@ -38,18 +38,40 @@ def alembic_config(url: str):
     return cfg
 
 
+# Key of the PostgreSQL advisory lock held while migrating ("look" in ASCII).
+_MIGRATION_LOCK = 0x6C6F6F6B
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to `revision`; a no-op when it is already there."""
+    """Bring the schema to `revision`; a no-op when it is already there.
+
+    Processes that open a new home at the same moment (a server and an index run) migrate one
+    at a time: the first creates the schema, the others wait for it, then find nothing to do.
+    """
     from alembic import command
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    if revision == "head" and current_revision(engine) == _head(cfg):
+        return  # the usual case: no write lock taken
     with engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             # pysqlite runs DDL outside any transaction: a kill in the middle of a migration would
-            # leave half a schema that no later run can upgrade. Make the whole upgrade one transaction.
-            conn.exec_driver_sql("BEGIN")
+            # leave half a schema that no later run can upgrade. Make the whole upgrade one transaction,
+            # holding the write lock from its start (a deferred BEGIN read the old schema, then failed
+            # with "database is locked" once another process had migrated).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            # Without it, concurrent upgrades both created the tables and all but one failed
+            # (duplicate key in pg_type). The lock ends with the transaction.
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def _head(cfg) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:

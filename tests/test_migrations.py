@@ -7,6 +7,7 @@ The tests marked `storage` take their databases from `new_database`, so the Post
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,28 @@ def test_a_migration_killed_half_way_leaves_nothing_half_done(new_database):
         upgrade(engine)
         assert current_revision(engine) == head() and tables(engine) == model_tables() | {"alembic_version"}
         engine.dispose()
+
+
+@pytest.mark.storage
+def test_first_opens_at_once_all_succeed(tmp_path, new_database):
+    """Several processes open a new home at the same moment (a server and an index run, say): one
+    creates the schema, the others wait for it and find it done; none fails half way."""
+    url = new_database("at-once")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+    env.update(LOOKALIKE_DATABASE_URL=url, LOOKALIKE_HOME=str(tmp_path / "home"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import cli; cli.main()", "db", "upgrade"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [(proc.wait(timeout=120), proc.stderr.read()) for proc in procs]
+    assert all(code == 0 for code, _ in results), [err[-600:] for code, err in results if code]
+    assert all(f"database at revision {head()}" in err for _, err in results)
+    engine = make_engine(url)
+    assert current_revision(engine) == head() and tables(engine) == model_tables() | {"alembic_version"}
+    engine.dispose()
