@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,11 +28,12 @@ from typer.testing import CliRunner
 
 import cli
 import databases
-from conftest import REPO, SAMPLES, cli_command
+from conftest import REPO, SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.settings import Settings
+from live_server import running_server
 from service.app import create_app
 
 pytestmark = pytest.mark.storage
@@ -429,54 +428,17 @@ def test_upload_limit_in_process(indexed):
 # -- a real server -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(indexed, tmp_path_factory) -> Iterator[str]:
     """`lookalike serve` in its own process, configured through the environment like a user would."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(
-        LOOKALIKE_HOME=str(indexed.home),
-        LOOKALIKE_MODEL_CACHE=str(indexed.settings.model_cache),
-        LOOKALIKE_MAX_UPLOAD_BYTES=str(LIMIT),
-        LOOKALIKE_THUMBNAIL_SIZE=str(THUMB),
+    env = {
+        "LOOKALIKE_MAX_UPLOAD_BYTES": str(LIMIT),
+        "LOOKALIKE_THUMBNAIL_SIZE": str(THUMB),
         **databases.home_env(indexed.home),
-    )
+    }
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    log_file = open(log, "wb")  # a file, not a pipe nobody drains
-    proc = subprocess.Popen(
-        cli_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"server did not come up: {log.read_text(errors='replace')}"
-            time.sleep(0.2)
+    with running_server(indexed.home, model_cache=indexed.settings.model_cache, env=env, log=log) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +20,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from conftest import REPO, SAMPLES, cli_command
+from conftest import SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.settings import Settings
+from live_server import running_server
 from service.app import create_app
 
 USER_KEYS = ["user-key-one", "user-key-two"]  # two keys, both valid
@@ -273,76 +271,35 @@ def test_keys_come_from_the_environment_comma_separated(monkeypatch):
 # -- a real server ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(indexed: Indexed, tmp_path: Path, *args: str, **env_extra: str) -> tuple[subprocess.Popen, str, Path]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(
-        LOOKALIKE_HOME=str(indexed.settings.home), LOOKALIKE_MODEL_CACHE=str(indexed.settings.model_cache), **env_extra
-    )
-    log_path = tmp_path / f"serve-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cli_command("serve", "--port", str(port), *args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, log_path.read_text(errors="replace")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base, log_path
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _serve(indexed: Indexed, log: Path, *args: str, host: str | None = None, **env: str):
+    """The real server on the module's home: `lookalike serve [--host HOST] *args`, output in `log`."""
+    home, cache = indexed.settings.home, indexed.settings.model_cache
+    return running_server(home, model_cache=cache, env=env, extra_args=args, host=host, log=log)
 
 
 def test_server_with_keys_from_the_environment(indexed, tmp_path):
-    proc, base, log_path = _serve(
-        indexed, tmp_path, LOOKALIKE_API_KEYS=",".join(USER_KEYS), LOOKALIKE_ADMIN_KEYS=ADMIN_KEY
-    )
-    try:
+    log_path = tmp_path / "serve.log"
+    with _serve(indexed, log_path, LOOKALIKE_API_KEYS=",".join(USER_KEYS), LOOKALIKE_ADMIN_KEYS=ADMIN_KEY) as base:
         response = httpx.get(f"{base}/stats", timeout=10)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {USER_KEYS[1]}"}).status_code == 200
         assert httpx.get(f"{base}/", timeout=10).status_code == 200
         assert httpx.delete(f"{base}/images/1", headers={"X-API-Key": USER_KEYS[0]}).status_code == 403
-    finally:
-        _stop(proc)
     log = log_path.read_text(errors="replace")
     assert "API keys required" in log and "no API keys" not in log
     assert ADMIN_KEY not in log and USER_KEYS[0] not in log
 
 
 def test_server_says_when_no_keys_are_set_and_warns_beyond_loopback(indexed, tmp_path):
-    proc, base, log_path = _serve(indexed, tmp_path)  # the default host, 127.0.0.1
-    try:
+    log_path = tmp_path / "serve-loopback.log"
+    with _serve(indexed, log_path) as base:  # the default host, 127.0.0.1
         assert httpx.get(f"{base}/stats", timeout=10).status_code == 200
-    finally:
-        _stop(proc)
     log = log_path.read_text(errors="replace")
     assert "no API keys are set" in log and "warning" not in log.lower()
 
-    proc, base, log_path = _serve(indexed, tmp_path, "--host", "0.0.0.0")
-    try:
+    log_path = tmp_path / "serve-any.log"
+    with _serve(indexed, log_path, host="0.0.0.0") as base:
         assert httpx.get(f"{base}/stats", timeout=10).status_code == 200  # reachable on loopback too
-    finally:
-        _stop(proc)
     log = " ".join(log_path.read_text(errors="replace").split())
     assert "no API keys are set" in log
     assert "warning: serving on 0.0.0.0, which is not a loopback address, without API keys" in log

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -32,6 +31,7 @@ from indexer.pipeline import index_folders
 from indexer.search import search_image
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex, read_manifest
+from live_server import running_server
 
 BACKBONE, DIM = "efficientnet-lite0", 1280
 
@@ -39,12 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.storage]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(home: Path, model_cache: Path) -> dict[str, str]:
@@ -165,31 +159,12 @@ def served(tmp_path, model_cache):
     home = tmp_path / "home"
     first = _run(["index", str(tmp_path / "photos"), "-q"], home, model_cache)
     assert first.returncode == 0, first.stderr
-    port = _free_port()
-    server = subprocess.Popen(
-        cli_command("serve", "--port", str(port)),
-        env={**_env(home, model_cache), "LOOKALIKE_RELOAD_INTERVAL": "0.3"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.25)
+    env = {**databases.home_env(home), "LOOKALIKE_RELOAD_INTERVAL": "0.3"}
+    with (
+        running_server(home, model_cache=model_cache, env=env, startup_timeout=120, stop_timeout=30) as base,
+        httpx.Client(base_url=base, timeout=60) as client,
+    ):
         yield home, client, photos
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=30)
 
 
 class Queries(threading.Thread):

@@ -13,9 +13,7 @@ import asyncio
 import os
 import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from conftest import REPO, SAMPLES, cli_command
+from conftest import SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow, Root
 from indexer.pipeline import index_files, index_folders
 from indexer.settings import Settings
+from live_server import running_server
 from service.app import create_app
 
 SECRET = "/etc/passwd"
@@ -300,12 +299,6 @@ def test_traversal_in_the_raw_path_never_reaches_a_file(client, indexed):
 # -- a real server ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _raw_get(port: int, raw_path: bytes) -> tuple[int, bytes]:
     """Send the request line byte for byte (no client normalises anything) and read the reply."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
@@ -318,25 +311,9 @@ def _raw_get(port: int, raw_path: bytes) -> tuple[int, bytes]:
 
 
 def test_traversal_against_a_real_server(indexed, tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(indexed.settings.home), LOOKALIKE_MODEL_CACHE=str(indexed.settings.model_cache))
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cli_command("serve", "--port", str(port)), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.2)
+    settings = indexed.settings
+    with running_server(settings.home, model_cache=settings.model_cache, host=None, log=tmp_path / "serve.log") as base:
+        port = httpx.URL(base).port
         plain = indexed.id_of(indexed.photos / "plain.jpg")
         status, body = _raw_get(port, f"/images/{plain}/file".encode())
         assert status == 200 and body == (indexed.photos / "plain.jpg").read_bytes()
@@ -344,10 +321,3 @@ def test_traversal_against_a_real_server(indexed, tmp_path):
             status, body = _raw_get(port, raw)
             assert status in (400, 404, 422), (raw, status, body[:200])  # 400: the server refused the line
             assert SECRET_MARK not in body, raw
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -13,14 +12,9 @@ import httpx
 import pytest
 
 from conftest import cli_command
+from live_server import running_server
 
 pytestmark = pytest.mark.storage
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -35,37 +29,20 @@ def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
 
 @pytest.fixture
 def served_home(tmp_path, sample_paths, model_cache):
-    """A real `lookalike serve` on a home holding 10 photos; yields (client, home, env, folder)."""
+    """A real `lookalike serve` on a home holding 10 photos; yields (client, env, folder)."""
     folder = tmp_path / "photos"
     for path in sample_paths[::8]:
         dest = folder / path.parent.name / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)
-    env = {**os.environ, "LOOKALIKE_HOME": str(tmp_path / "home"), "LOOKALIKE_MODEL_CACHE": str(model_cache)}
+    home = tmp_path / "home"
+    env = {**os.environ, "LOOKALIKE_HOME": str(home), "LOOKALIKE_MODEL_CACHE": str(model_cache)}
     subprocess.run(cli_command("index", str(folder), "-q"), env=env, check=True, capture_output=True)
-    port = _free_port()
-    server = subprocess.Popen(
-        cli_command("serve", "--port", str(port)),
-        env={**env, "LOOKALIKE_RELOAD_INTERVAL": "0.3"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        _wait(lambda: _healthy(client), what="server start")
+    with (
+        running_server(home, env={**env, "LOOKALIKE_RELOAD_INTERVAL": "0.3"}) as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
         yield client, env, folder
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=20)
-
-
-def _healthy(client) -> dict | None:
-    try:
-        response = client.get("/health")
-    except httpx.TransportError:
-        return None
-    return response.json() if response.status_code == 200 else None
 
 
 def test_server_serves_new_images_and_tags_without_restart(served_home, sample_paths):

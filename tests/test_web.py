@@ -15,9 +15,6 @@ import base64
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +26,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from sqlalchemy import select
 
-from conftest import REPO, SAMPLES, cli_command
+from conftest import REPO, SAMPLES
 from indexer.heads import labels as label_io
 from indexer.heads.training import TrainOptions
 from indexer.heads.workflow import train
@@ -37,6 +34,7 @@ from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.settings import Settings
+from live_server import running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -95,48 +93,16 @@ def home(tmp_path_factory, model_cache) -> Iterator[Home]:
         yield Home(settings, photos, ids, corrupt)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve(home: Home, log: Path, **env: str):
+    """`lookalike serve` on the module's home in its own process, configured through the environment."""
+    settings = home.settings
+    return running_server(settings.home, model_cache=settings.model_cache, env=env, log=log)
 
 
 @pytest.fixture(scope="module")
 def server(home, tmp_path_factory) -> Iterator[str]:
-    """`lookalike serve` in its own process, configured through the environment."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(home.settings.home), LOOKALIKE_MODEL_CACHE=str(home.settings.model_cache))
-    log = tmp_path_factory.mktemp("web-server") / "serve.log"
-    log_file = open(log, "wb")
-    proc = subprocess.Popen(
-        cli_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"server did not come up: {log.read_text(errors='replace')}"
-            time.sleep(0.2)
+    with serve(home, tmp_path_factory.mktemp("web-server") / "serve.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()
 
 
 @pytest.fixture(scope="module")
