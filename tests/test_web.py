@@ -4,7 +4,8 @@ One home folder per module: 20 of the shipped CC0 photos (2 per class, in `tops/
 folders) plus one corrupt file, indexed with the real pipeline and ONNX model, and a binary head
 `garment` (tops vs other) trained on them, so the facets, the heads view and the status view all
 have real content. Every assertion about results compares the grid with the API's own answer
-for the same query, fetched separately over HTTP.
+for the same query, fetched separately over HTTP. A second server on the same home, started with
+LOOKALIKE_API_KEYS and LOOKALIKE_ADMIN_KEYS, is where the page has to ask for a key.
 
 Screenshots of the main states go to the test's temporary folder and to test-output/web/.
 """
@@ -12,7 +13,6 @@ Screenshots of the main states go to the test's temporary folder and to test-out
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 from collections import Counter
@@ -50,6 +50,8 @@ K = 24  # the page's default number of results
 FACET_VISIBLE = 12  # labels a head shows before "Show all"
 SCREENSHOTS_COPY = REPO / "test-output" / "web"
 API_KEY = "web-test-key"
+OTHER_KEY = "another-web-key"
+ADMIN_KEY = "web-admin-key"
 
 
 @dataclass
@@ -531,65 +533,125 @@ def test_phone_viewport(browser, server, http, home, shots):
     watch.check()
 
 
-def test_api_key_prompt_and_blob_images(browser, server, http, home, shots):
-    """On a 401 the page asks for a key, keeps it in sessionStorage and sends it as a Bearer token.
+@pytest.fixture(scope="module")
+def keyed_server(home, tmp_path_factory) -> Iterator[str]:
+    """A second real server on the same home, with API keys (two user keys, one admin key) set."""
+    log = tmp_path_factory.mktemp("web-keyed-server") / "serve.log"
+    keys = {"LOOKALIKE_API_KEYS": f"{API_KEY}, {OTHER_KEY}", "LOOKALIKE_ADMIN_KEYS": ADMIN_KEY}
+    with serve(home, log, **keys) as base:
+        yield base
 
-    The refusal is played by the browser's request routing in front of the real server (the same
-    401 answer the server gives with LOOKALIKE_API_KEYS set), so every data request without the
-    right key is refused, and the page must carry the key on images too (blob: URLs).
-    """
+
+def test_api_key_prompt_session_storage_and_blob_images(browser, keyed_server, home, shots):
+    """Against a server started with LOOKALIKE_API_KEYS: the page asks for a key, refuses a wrong
+    one, searches with the right one (sent as a Bearer token, images as blob: URLs), keeps it in
+    sessionStorage only (no localStorage, no cookie) and a new browser context starts without it."""
+    base = keyed_server
+    assert httpx.get(f"{base}/tags", timeout=10).status_code == 401  # the server really wants a key
+    bearer = f"Bearer {API_KEY}"
+
+    def new_page(context) -> tuple[Page, Watched, list[tuple[str, str | None, int]]]:
+        page = context.new_page()
+        seen: list[tuple[str, str | None, int]] = []  # data requests: path, Authorization, status
+
+        def on_response(response) -> None:
+            path = urlsplit(response.url).path
+            if response.url.startswith(base + "/") and not (path == "/" or path.startswith("/static/")):
+                seen.append((path, response.request.headers.get("authorization"), response.status))
+
+        page.on("response", on_response)
+        return page, Watched(page, base), seen
+
+    def key_in_storage(page: Page) -> dict:
+        return page.evaluate(
+            """() => ({ session: sessionStorage.getItem('lookalike.apiKey'), local: localStorage.length,
+                        cookie: document.cookie })"""
+        )
+
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(20_000)
-    page = context.new_page()
-    watch = Watched(page, server)
-    seen: list[tuple[str, str | None]] = []
-
-    def guard(route) -> None:
-        request = route.request
-        path = urlsplit(request.url).path
-        if path == "/" or path.startswith("/static/") or path in ("/health", "/favicon.ico"):
-            route.continue_()
-            return
-        auth = request.headers.get("authorization")
-        seen.append((path, auth))
-        if auth == f"Bearer {API_KEY}":
-            route.continue_()
-        else:
-            detail = "invalid API key" if auth else "an API key is required"
-            route.fulfill(status=401, content_type="application/json", body=json.dumps({"detail": detail}))
-
-    page.route(f"{server}/**", guard)
+    page, watch, seen = new_page(context)
+    key_field = page.get_by_label("API key", exact=True)
+    use_key = page.get_by_role("button", name="Use this key")
     try:
-        page.goto(server + "/")
+        page.goto(base + "/")
         key_dialog = page.locator("#key-dialog")
         key_dialog.wait_for(state="visible")
-        assert page.get_by_label("API key", exact=True).is_visible()
-        page.get_by_label("API key", exact=True).fill("wrong-key")
-        page.get_by_role("button", name="Use this key").click()
+        assert key_field.is_visible() and key_field.get_attribute("type") == "password"
+        assert page.locator("#key-error").inner_text() == ""
+        assert seen and all(status == 401 and auth is None for _, auth, status in seen), seen
+        snap(page, shots, "09-api-key-prompt", full_page=False)
+
+        # A wrong key: the server refuses it, the prompt stays and says so; nothing is kept.
+        refused_before = len(seen)
+        key_field.fill("wrong-key")
+        use_key.click()
         page.wait_for_function("() => document.querySelector('#key-error').textContent.includes('not accepted')")
-        assert key_dialog.is_visible()
-        snap(page, shots, "09-api-key", full_page=False)
-        page.get_by_label("API key", exact=True).fill(API_KEY)
-        page.get_by_role("button", name="Use this key").click()
+        assert key_dialog.is_visible() and key_field.input_value() == ""
+        assert any(auth == "Bearer wrong-key" and status == 401 for _, auth, status in seen[refused_before:])
+        assert page.locator(".facet-btn").count() == 0
+        assert key_in_storage(page) == {"session": None, "local": 0, "cookie": ""}
+        assert not page.locator("#forget-key").is_visible()
+        snap(page, shots, "10-api-key-refused", full_page=False)
+
+        # The right key: the dialog goes, the facets load and a search shows the API's answer.
+        key_field.fill(API_KEY)
+        use_key.click()
         key_dialog.wait_for(state="hidden")
         page.locator(".facet-btn").first.wait_for()  # /tags answered, with the key
-        assert page.evaluate("sessionStorage.getItem('lookalike.apiKey')") == API_KEY
-        assert page.evaluate("localStorage.length") == 0
+        assert key_in_storage(page) == {"session": API_KEY, "local": 0, "cookie": ""}
+        assert context.cookies() == []
         assert page.locator("#forget-key").is_visible()
+        first_ok = next(i for i, (_, auth, _s) in enumerate(seen) if auth == bearer)
 
         photo = query_photo(home)
+        with httpx.Client(base_url=base, timeout=60, headers={"Authorization": bearer}) as http:
+            answer = upload_answer(http, photo)
         page.set_input_files("#file-input", str(photo))
-        wait_for_grid(page, ids_of(upload_answer(http, photo)))
+        wait_for_grid(page, ids_of(answer))
+        assert grid_ids(page)[0] == home.id_of(photo)
         wait_for_images(page, "#results .card-open img")
         sources = page.eval_on_selector_all("#results .card-open img", "imgs => imgs.map(img => img.src)")
         assert sources and all(src.startswith("blob:") for src in sources)
-        # Once the key is known, every data request carries it (thumbnails and search included).
-        first_ok = next(i for i, (_, auth) in enumerate(seen) if auth == f"Bearer {API_KEY}")
+        snap(page, shots, "11-api-key-results")
+        # Once the key is known, every data request carries it and is answered (thumbnails too).
         later = seen[first_ok:]
-        assert {p for p, _ in later} >= {"/tags", "/search", f"/images/{home.id_of(photo)}/thumbnail"}
-        assert all(auth == f"Bearer {API_KEY}" for _, auth in later), later
+        assert {p for p, _, _s in later} >= {"/tags", "/search", f"/images/{home.id_of(photo)}/thumbnail"}
+        assert all(auth == bearer and status == 200 for _, auth, status in later), later
+
+        # A reload of the same tab keeps the key (same session): no prompt, data comes straight back.
+        count = len(seen)
+        page.reload()
+        page.locator(".facet-btn").first.wait_for()
+        assert not key_dialog.is_visible() and key_in_storage(page)["session"] == API_KEY
+        assert all(auth == bearer and status == 200 for _, auth, status in seen[count:]), seen[count:]
     finally:
         context.close()
-    # The refusals the test itself staged are the only console errors allowed.
+    # The server's own 401 answers before the right key are the only console errors allowed.
+    assert watch.errors == [] and watch.foreign == []
+    assert all("401" in message for message in watch.console_errors), watch.console_errors
+
+    # A new browser context is a new session: no key, the prompt again, and nothing answered.
+    fresh = browser.new_context(viewport={"width": 1280, "height": 900})
+    fresh.set_default_timeout(20_000)
+    page, watch, seen = new_page(fresh)
+    try:
+        page.goto(base + "/")
+        page.locator("#key-dialog").wait_for(state="visible")
+        assert key_in_storage(page) == {"session": None, "local": 0, "cookie": ""}
+        assert seen and all(auth is None and status == 401 for _, auth, status in seen), seen
+        assert page.locator(".facet-btn").count() == 0
+
+        # "Forget API key" drops it from the session: the next data request asks again.
+        page.get_by_label("API key", exact=True).fill(API_KEY)
+        page.get_by_role("button", name="Use this key").click()
+        page.locator(".facet-btn").first.wait_for()
+        page.get_by_role("button", name="Forget API key").click()
+        assert key_in_storage(page)["session"] is None
+        assert not page.locator("#forget-key").is_visible()
+        page.get_by_role("link", name="Index status").click()
+        page.locator("#key-dialog").wait_for(state="visible")
+    finally:
+        fresh.close()
     assert watch.errors == [] and watch.foreign == []
     assert all("401" in message for message in watch.console_errors), watch.console_errors

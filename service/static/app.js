@@ -177,9 +177,15 @@
         throw new ApiError(0, "The server cannot be reached.");
       }
       if (response.status !== 401) return response;
-      // Another request may already have replaced the key this one was refused with.
-      if (getKey() !== key) continue;
-      await askForKey(key ? "That key was not accepted; enter another one." : "");
+      if (getKey() === key) {
+        // This key (or none) was refused: a refused key is not kept, even while the prompt is open.
+        if (key) setKey("");
+        await askForKey(key ? "That key was not accepted; enter another one." : "");
+      } else if (keyPrompt) {
+        // Another request found the same key refused and is already asking for a new one.
+        await keyPrompt;
+      }
+      // Otherwise another request has already replaced the key this one was refused with.
     }
   }
 
