@@ -134,6 +134,26 @@ def test_listings_are_in_code_point_order_on_every_database(library):
         assert [stored.head.name for stored in load_heads(session, backbone_id)] == sorted(names)
 
 
+def test_odd_paths_are_stored_and_found_exactly(library):
+    """Names Linux allows: the same text in NFC and NFD stays two rows, whatever the collation."""
+    paths = [
+        "/p/caf\u00e9.jpg",  # NFC
+        "/p/cafe\u0301.jpg",  # NFD: another file
+        "/p/new\nline.jpg",
+        "/p/tab\there.jpg",
+        "/p/quote'and\"double.jpg",
+        "/p/emoji \U0001f600.jpg",
+        "/p/CAFÉ.jpg",
+        "/p/\u202eright-to-left.jpg",
+    ]
+    ids = add_images(library, paths)
+    assert len(set(ids.values())) == len(paths)
+    with library.sessions() as session:
+        assert store.ids_by_path(session, paths) == ids
+        assert {path: store.image_id_for_path(session, path) for path in paths} == ids
+        assert sorted(store.files_under(session, "/p")) == sorted(paths)
+
+
 @pytest.mark.parametrize("image_id", [2**31 - 1, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63)])
 def test_ids_beyond_the_id_column_name_no_image(library, image_id):
     add_images(library, ["/p/1.jpg"])
