@@ -32,7 +32,7 @@ from indexer.faults import checkpoint
 
 _DIGEST_BYTES = 20  # blake2b-160: content hashes as stored in the database (40 hex digits)
 CHUNK_FILES = 4  # files per decoder task: amortises inter-process overhead
-PREFETCH_FILES = 64  # decoded while a run starts up; bounds the work wasted if they turn out unchanged
+READ_AHEAD_CHUNKS = 4  # chunks queued per worker: bounded read-ahead keeps memory flat however large the folder
 
 
 def content_hash(data: bytes) -> str:
@@ -200,6 +200,10 @@ class DecoderPool:
         self._isolated: _IsolatedDecoder | None = None
         self.start_method = "fork" if _fork_is_safe() else "spawn"
 
+    @property
+    def read_ahead_files(self) -> int:
+        return self.workers * READ_AHEAD_CHUNKS * CHUNK_FILES
+
     def start(self) -> DecoderPool:
         """Start every worker now (not at the first file), so they get going while the caller loads the rest."""
         executor = self._executor()
@@ -211,12 +215,13 @@ class DecoderPool:
         """Decode the first files of a run while the caller still opens the database and loads the model.
 
         The results are used only for files the run then plans to decode, with the same options
-        (claim_prefetched); at most PREFETCH_FILES decodes are wasted on files that are unchanged."""
+        (claim_prefetched). As much as the run itself reads ahead (`read_ahead_files`), so memory
+        stays as bounded, and at most that many decodes are wasted on files that are unchanged."""
         self._prefetch_options = options
         tasks = []
         for task in files:
             tasks.append(task)
-            if len(tasks) >= PREFETCH_FILES:
+            if len(tasks) >= self.read_ahead_files:
                 break
         executor = self._executor()
         for i in range(0, len(tasks), CHUNK_FILES):

@@ -23,6 +23,7 @@ from indexer import store
 from indexer.decode import ImageInfo
 from indexer.decode_worker import (
     CHUNK_FILES,
+    READ_AHEAD_CHUNKS,
     Decoded,
     DecodeOptions,
     DecoderPool,
@@ -232,11 +233,11 @@ def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, pr
         progress(0, total)
     remaining, prefetched = pool.claim_prefetched(tasks)
     chunks = deque([(t, False) for t in remaining[i : i + CHUNK_FILES]] for i in range(0, len(remaining), CHUNK_FILES))
-    max_inflight = pool.workers * 4  # bounded read-ahead keeps memory flat however large the folder
+    max_inflight = pool.workers * READ_AHEAD_CHUNKS
     done = 0
     try:
         while chunks or pool.inflight or prefetched:
-            while chunks and len(pool.inflight) < max_inflight and pool.submit(chunks[0]):
+            while chunks and len(pool.inflight) + len(prefetched) < max_inflight and pool.submit(chunks[0]):
                 chunks.popleft()
             if prefetched:
                 results = _prefetched_results(prefetched.popleft(), known, chunks)

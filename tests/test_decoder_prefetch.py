@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from conftest import SAMPLES
 from indexer import store
-from indexer.decode_worker import PREFETCH_FILES, DecoderPool, Task, prefetch_options
+from indexer.decode_worker import DecoderPool, Task, prefetch_options
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
@@ -128,7 +128,7 @@ def test_prefetch_reads_at_most_a_bounded_number_of_files(tmp_path, model_cache)
     source = sorted(SAMPLES.rglob("*.jpg"))[0]
     img = Image.open(source)
     img.thumbnail((48, 48))
-    for i in range(PREFETCH_FILES + 20):
+    for i in range(2 * 4 * 4 + 20):  # more than two workers read ahead
         img.putpixel((0, 0), (i % 256, i // 256, 0))
         img.save(folder / f"{i:04d}.png")
     home = tmp_path / "home"
@@ -139,6 +139,7 @@ def test_prefetch_reads_at_most_a_bounded_number_of_files(tmp_path, model_cache)
     tasks = first_files(folder)
     pool.options = options
     remaining, claimed = pool.claim_prefetched(tasks)
-    assert sum(len(mapping) for _, mapping in claimed) == PREFETCH_FILES
-    assert [t.path for t in remaining] == [t.path for t in tasks[PREFETCH_FILES:]]
+    assert pool.read_ahead_files == 32
+    assert sum(len(mapping) for _, mapping in claimed) == pool.read_ahead_files
+    assert [t.path for t in remaining] == [t.path for t in tasks[pool.read_ahead_files :]]
     pool.close()
