@@ -546,6 +546,25 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted; what was committed is kept, the next run carries on")
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            _exit_now(exc.code or 0)
+        raise
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown.
+
+    Everything a command writes is committed, fsynced and closed before it returns; tearing down
+    ONNX Runtime's thread pools and thousands of module objects then only costs time (~0.25 s,
+    a twentieth of indexing 200 12-MP photos). Output and log buffers are flushed first."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
