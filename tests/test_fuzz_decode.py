@@ -102,6 +102,7 @@ def test_every_seed_embeds(library):
         assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # expected: the bytes are damaged on purpose
 @settings(
     max_examples=300,
     deadline=2000,
