@@ -102,9 +102,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def hermetic_env(monkeypatch, tmp_path, model_cache):
-    for key in list(os.environ):
-        if key.startswith("LOOKALIKE_"):
-            monkeypatch.delenv(key)
+    databases.clear_settings(monkeypatch)
     monkeypatch.setenv("LOOKALIKE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LOOKALIKE_MODEL_CACHE", str(model_cache))
     # The test's own home gets a fresh database (on PostgreSQL: a new one, dropped afterwards).
@@ -145,3 +143,29 @@ def photo_dir(tmp_path, sample_paths) -> Path:
 def cli_command(*args: str) -> list[str]:
     """The real console entry point, run as a separate process."""
     return [sys.executable, "-c", "import cli; cli.main()", *args]
+
+
+def rows_by_path(library) -> dict:
+    """Every image row of a home, by path."""
+    from sqlalchemy import select
+
+    from indexer.models import ImageRow
+
+    with library.sessions() as session:
+        return {row.path: row for row in session.scalars(select(ImageRow))}
+
+
+def assert_index_matches_db(library) -> None:
+    """The stored embeddings are exactly the indexed rows, and the FAISS index holds exactly those."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from indexer import store
+    from indexer.models import ImageRow
+
+    with library.sessions() as session:
+        backbone = store.backbone_in_use(session)
+        ids = np.sort(store.embedded_ids(session, backbone.id))
+        indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status == "indexed")))
+    assert ids.tolist() == indexed
+    assert np.array_equal(np.sort(library.index().ids()), ids)

@@ -156,6 +156,25 @@ def home_env(home: Path) -> dict[str, str]:
     return {"LOOKALIKE_DATABASE_URL": url} if url else {}
 
 
+def process_env(home: Path | None, model_cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a `lookalike` subprocess: this process's without any LOOKALIKE_ setting,
+    then the home and its test database, the model cache, and `extra` last."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+    if home is not None:
+        env.update(LOOKALIKE_HOME=str(home), **home_env(home))
+    if model_cache is not None:
+        env["LOOKALIKE_MODEL_CACHE"] = str(model_cache)
+    env.update(extra)
+    return env
+
+
+def clear_settings(monkeypatch) -> None:
+    """Remove every LOOKALIKE_ setting from this process's environment (restored by `monkeypatch`)."""
+    for key in list(os.environ):
+        if key.startswith("LOOKALIKE_"):
+            monkeypatch.delenv(key)
+
+
 def cli_env(args) -> dict[str, str]:
     """home_env() of the home a command line names with `--home DIR` (none named: the test's own,
     which LOOKALIKE_DATABASE_URL already points at)."""

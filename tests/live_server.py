@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+import databases
 from conftest import REPO, cli_command
 
 HOST = "127.0.0.1"
@@ -29,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
-
-
-def server_env(home: Path, model_cache: Path | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment without any LOOKALIKE_ setting, then HOME, MODEL_CACHE and `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env["LOOKALIKE_HOME"] = str(home)
-    if model_cache is not None:
-        env["LOOKALIKE_MODEL_CACHE"] = str(model_cache)
-    env.update(extra)
-    return env
 
 
 def _tail(path: Path, limit: int = 20_000) -> str:
@@ -77,9 +68,10 @@ def running_server(
     `host=None` leaves `--host` out (the server's own default, loopback). Any host is reached
     through 127.0.0.1: the server listens there too when bound to 0.0.0.0.
 
-    The environment is this process's without its LOOKALIKE_ settings, plus LOOKALIKE_HOME,
-    LOOKALIKE_MODEL_CACHE (when given) and then `env`. `log` receives the server's output (kept
-    for the caller to read afterwards); without it a temporary file does, removed on exit.
+    The environment is `databases.process_env`: this process's without its LOOKALIKE_ settings,
+    plus the home and its test database, LOOKALIKE_MODEL_CACHE (when given) and then `env`.
+    `log` receives the server's output (kept for the caller to read afterwards); without it a
+    temporary file does, removed on exit.
     """
     port = free_port()
     own_log = log is None
@@ -92,7 +84,11 @@ def running_server(
     command = cli_command("serve", *(("--host", host) if host else ()), "--port", str(port), *extra_args)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            command, env=server_env(home, model_cache, **(env or {})), stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            command,
+            env=databases.process_env(home, model_cache, **(env or {})),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     base = f"http://{HOST}:{port}"
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -68,9 +67,7 @@ def _rotated_jpeg(path: Path) -> None:
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, model_cache) -> Iterator[Indexed]:
     with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("LOOKALIKE_"):
-                mp.delenv(key)
+        databases.clear_settings(mp)
         root = tmp_path_factory.mktemp("api")
         photos = root / "photos"
         for path in sorted(SAMPLES.rglob("*.jpg"))[::4]:

@@ -9,7 +9,6 @@ data need an admin key.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+import databases
 from conftest import SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow
@@ -42,9 +42,7 @@ class Indexed:
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, model_cache) -> Iterator[Indexed]:
     with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("LOOKALIKE_"):
-                mp.delenv(key)
+        databases.clear_settings(mp)
         root = tmp_path_factory.mktemp("auth")
         photos = root / "photos"
         photos.mkdir()

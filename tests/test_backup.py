@@ -42,9 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.storage]
 
 
 def _env(home: Path, model_cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home))
-    return env
+    return databases.process_env(home, model_cache)
 
 
 def _run(args: list[str], home: Path, model_cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -21,15 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import select
 from typer.testing import CliRunner
 
 import cli
-from conftest import cli_command
-from indexer import store
+from conftest import assert_index_matches_db, cli_command, rows_by_path
 from indexer.errors import ImageRejected
 from indexer.library import Library
-from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.search import search_image
 from indexer.settings import Settings
@@ -62,20 +59,6 @@ def run_cli_as_plain_user(*args: str, timeout: float = 180) -> subprocess.Comple
 
 def open_library(home: Path, model_cache: Path) -> Library:
     return Library(Settings(home=home, model_cache=model_cache))
-
-
-def rows_by_path(library: Library) -> dict[str, ImageRow]:
-    with library.sessions() as session:
-        return {row.path: row for row in session.scalars(select(ImageRow))}
-
-
-def assert_index_matches_db(library: Library) -> None:
-    with library.sessions() as session:
-        backbone = store.backbone_in_use(session)
-        ids = np.sort(store.embedded_ids(session, backbone.id))
-        indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status == "indexed")))
-    assert ids.tolist() == indexed
-    assert np.array_equal(np.sort(library.index().ids()), ids)
 
 
 def png_claiming(width: int, height: int) -> bytes:

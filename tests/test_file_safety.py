@@ -24,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+import databases
 from conftest import SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow, Root
@@ -53,9 +54,7 @@ def indexed(tmp_path_factory, model_cache) -> Iterator[Indexed]:
     symlink to a photo outside it and a damaged JPEG; loose/ holds a photo indexed on its own
     (like `heads train --index` does). Each test that swaps something swaps its own file."""
     with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("LOOKALIKE_"):
-                mp.delenv(key)
+        databases.clear_settings(mp)
         base = tmp_path_factory.mktemp("safety")
         photos, outside, loose = base / "photos", base / "outside", base / "loose"
         samples = sorted(SAMPLES.rglob("*.jpg"))

@@ -39,6 +39,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.python import asgi as schemathesis_asgi
 from sqlalchemy import select
 
+import databases
 from conftest import SAMPLES
 from indexer.library import Library
 from indexer.models import ImageRow
@@ -73,9 +74,7 @@ class Home:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, model_cache) -> Iterator[Home]:
     with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("LOOKALIKE_"):
-                mp.delenv(key)
+        databases.clear_settings(mp)
         root = tmp_path_factory.mktemp("fuzz")
         photos = root / "photos"
         for path in sorted(SAMPLES.rglob("*.jpg"))[::10]:

@@ -53,14 +53,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select
 
-from conftest import REPO, SAMPLES, cli_command
-from indexer import store
+import databases
+from conftest import REPO, SAMPLES, assert_index_matches_db, cli_command, rows_by_path
 from indexer.decode import open_image
 from indexer.errors import UnsupportedImage
 from indexer.library import Library
-from indexer.models import ImageRow
 from indexer.scan import FoundFile, ScanFailure, scan_folder
 from indexer.settings import Settings
 from service.app import create_app
@@ -408,9 +406,7 @@ def stored_path(corpus: Corpus, rel: str) -> str:
 
 
 def clean_env(model_cache: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_MODEL_CACHE=str(model_cache), **extra)
-    return env
+    return databases.process_env(None, model_cache, **extra)
 
 
 @dataclass
@@ -455,20 +451,6 @@ def listed_failures(stderr: str) -> dict[str, str]:
         path, _, rest = chunk.partition(": ")
         found[path] = rest.split("\n")[0]
     return found
-
-
-def rows_by_path(library: Library) -> dict[str, ImageRow]:
-    with library.sessions() as session:
-        return {row.path: row for row in session.scalars(select(ImageRow))}
-
-
-def assert_index_matches_db(library: Library) -> None:
-    with library.sessions() as session:
-        backbone = store.backbone_in_use(session)
-        ids = np.sort(store.embedded_ids(session, backbone.id))
-        indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status == "indexed")))
-    assert ids.tolist() == indexed
-    assert np.array_equal(np.sort(library.index().ids()), ids)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

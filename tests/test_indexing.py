@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import cli
 import databases
-from conftest import SAMPLES, cli_command
+from conftest import SAMPLES, cli_command, rows_by_path
 from indexer import store
 from indexer.errors import NotIndexed
 from indexer.library import Library
@@ -51,11 +51,6 @@ def open_library(home: Path, model_cache: Path, notes: list[str] | None = None, 
 def invoke(*args: str, **kwargs):
     """Run the real typer app in-process; stdout and stderr are captured separately."""
     return runner.invoke(cli.app, list(args), catch_exceptions=False, env=databases.cli_env(args), **kwargs)
-
-
-def rows_by_path(library: Library) -> dict[str, ImageRow]:
-    with library.sessions() as session:
-        return {row.path: row for row in session.scalars(select(ImageRow))}
 
 
 def embedded_ids(library: Library) -> np.ndarray:

@@ -7,7 +7,6 @@ The tests marked `storage` take their databases from `new_database`, so the Post
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,8 +239,7 @@ def test_first_opens_at_once_all_succeed(tmp_path, new_database):
     """Several processes open a new home at the same moment (a server and an index run, say): one
     creates the schema, the others wait for it and find it done; none fails half way."""
     url = new_database("at-once")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_DATABASE_URL=url, LOOKALIKE_HOME=str(tmp_path / "home"))
+    env = databases.process_env(tmp_path / "home", LOOKALIKE_DATABASE_URL=url)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", "import cli; cli.main()", "db", "upgrade"],

@@ -13,7 +13,6 @@ Screenshots of the main states go to the test's temporary folder and to test-out
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from sqlalchemy import select
 
+import databases
 from conftest import REPO, SAMPLES
 from indexer.heads import labels as label_io
 from indexer.heads.training import TrainOptions
@@ -68,9 +68,7 @@ class Home:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, model_cache) -> Iterator[Home]:
     with pytest.MonkeyPatch.context() as mp:
-        for key in list(os.environ):
-            if key.startswith("LOOKALIKE_"):
-                mp.delenv(key)
+        databases.clear_settings(mp)
         root = tmp_path_factory.mktemp("web")
         photos = root / "photos"
         for path in sorted(SAMPLES.rglob("*.jpg"))[::4]:

@@ -75,8 +75,7 @@ def cli(*args: str) -> list[str]:
 
 def base_env(home: Path, model_cache: Path, **extra: str) -> dict[str, str]:
     """A clean environment for `lookalike` on `home` (with the home's database, see databases.py)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
-    env.update(LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home), **extra)
+    env = databases.process_env(home, model_cache, **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return env
 
