@@ -264,3 +264,17 @@ def scratch_database(hint: str = "scratch") -> Iterator[str]:
         yield _server().database_url(name)
     finally:
         _server().drop(name)
+
+
+def committed_embeddings(home: Path) -> int:
+    """Embeddings committed so far in a home's database, read the way another process would see them."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    if not has_database(home):
+        return 0
+    try:
+        with reader(home).connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
+    except DBAPIError:
+        return 0  # schema not created yet

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import ImageOps
 from sqlalchemy import create_engine, make_url, text
-from sqlalchemy.exc import DBAPIError
 
 import databases
 from conftest import SAMPLES, cli_command
@@ -196,16 +195,6 @@ class Queries(threading.Thread):
                 self.problems.append(f"{type(exc).__name__}: {exc}")
 
 
-def _committed(home: Path) -> int:
-    if not databases.has_database(home):
-        return 0
-    try:
-        with databases.reader(home).connect() as conn:
-            return conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
-    except DBAPIError:
-        return 0
-
-
 def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_cache):
     home, client, photos = served
     more = _copy_photos(sorted(SAMPLES.rglob("*.jpg"))[::2], tmp_path / "more", mirrored=True)
@@ -221,7 +210,7 @@ def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_
             text=True,
         )
         deadline = time.monotonic() + 120
-        while _committed(home) <= 40:
+        while databases.committed_embeddings(home) <= 40:
             assert indexing.poll() is None, indexing.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.02)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
 import cli
@@ -69,20 +68,9 @@ def kill(proc: subprocess.Popen) -> bool:
     return alive
 
 
-def committed(home: Path) -> int:
-    """Embeddings committed so far, read the way another process would see them."""
-    if not databases.has_database(home):
-        return 0
-    try:
-        with databases.reader(home).connect() as conn:
-            return conn.execute(text("SELECT count(*) FROM embeddings")).scalar_one()
-    except DBAPIError:
-        return 0  # schema not created yet
-
-
 def wait_for(proc: subprocess.Popen, home: Path, at_least: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while committed(home) < at_least and proc.poll() is None:
+    while databases.committed_embeddings(home) < at_least and proc.poll() is None:
         assert time.monotonic() < deadline, f"no {at_least} commits within {timeout} s"
         time.sleep(0.01)
 
