@@ -14,6 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -174,8 +175,6 @@ def prefetch_options(settings) -> DecodeOptions | None:
 
 def _fork_is_safe() -> bool:
     """Only a process with no other threads and no model runtime loaded may fork its decoders."""
-    import sys
-
     loaded_runtime = any(name in sys.modules for name in ("onnxruntime", "torch"))
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1 and not loaded_runtime
 
