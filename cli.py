@@ -211,7 +211,8 @@ def search(
         return
     for rank, result in enumerate(response.results, 1):
         tags = ", ".join(f"{t['head']}:{t['label']}" for t in result.tags)
-        out.print(f"{rank:>3}  {result.score:.4f}  {result.path}" + (f"  [{tags}]" if tags else ""), markup=False)
+        copy = "  (near-duplicate)" if result.near_duplicate else ""
+        out.print(f"{rank:>3}  {result.score:.4f}  {result.path}{copy}" + (f"  [{tags}]" if tags else ""), markup=False)
     err.print(f"{len(response.results)} results in {response.took_ms:.1f} ms")
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from indexer.backbones import Preprocess
 from indexer.errors import ImageRejected, UnsupportedImage
+from indexer.near_duplicates import pixel_signature
 
 try:  # HEIC/HEIF photos from phones
     import pillow_heif
@@ -46,6 +47,7 @@ class ImageInfo:
     width: int
     height: int
     format: str
+    signature: bytes | None = None  # the whole frame in 16 x 16 grey (indexer.near_duplicates)
 
 
 def open_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, ImageInfo]:
@@ -163,7 +165,7 @@ def to_model_input(img: Image.Image, preprocess: Preprocess) -> np.ndarray:
 
 def decode_for_model(data: bytes, preprocess: Preprocess, *, max_pixels: int) -> tuple[np.ndarray, ImageInfo]:
     img, info = open_image(data, max_pixels=max_pixels, draft_size=preprocess.resize_size)
-    return to_model_input(img, preprocess), info
+    return to_model_input(img, preprocess), replace(info, signature=pixel_signature(img))
 
 
 def make_thumbnail(data: bytes, size: int, *, max_pixels: int) -> bytes:

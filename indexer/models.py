@@ -73,6 +73,9 @@ class ImageRow(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16))
+    # The whole frame in 16 x 16 grey, 256 bytes: finds resized and re-encoded copies of a query
+    # (indexer/near_duplicates.py). NULL for failures and for images indexed before revision 0003.
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), index=True)  # "indexed" or "failed"
     error: Mapped[str | None] = mapped_column(Text)
     indexed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -375,7 +375,7 @@ class _BatchWriter:
             digest = decoded.content_hash
             twin = stored.get(digest)
             if twin is not None:
-                decoded.info = ImageInfo(twin.width, twin.height, twin.format)
+                decoded.info = ImageInfo(twin.width, twin.height, twin.format, twin.signature)
                 vector, norm = twin.vector, twin.norm
             elif digest in batch_vectors:
                 vector, norm = batch_vectors[digest]
@@ -397,6 +397,7 @@ def _row(decoded: Decoded, vector: np.ndarray | None, norm: float | None = None)
         width=info.width if info else None,
         height=info.height if info else None,
         format=info.format if info else None,
+        signature=info.signature if info else None,
         vector=vector,
         norm=norm,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from indexer import store
+from indexer import near_duplicates, store
 from indexer.decode import decode_for_model
 from indexer.errors import NotIndexed
 from indexer.filters import TagFilter
@@ -26,6 +26,7 @@ class SearchResult:
     path: str
     score: float
     tags: list[dict] = field(default_factory=list)
+    near_duplicate: bool = False  # a resized or re-encoded copy of the query: ranked first
 
 
 @dataclass
@@ -37,28 +38,39 @@ class SearchResponse:
 
     def to_json(self) -> dict:
         return {
-            "results": [{"id": r.id, "path": r.path, "score": r.score, "tags": r.tags} for r in self.results],
+            "results": [
+                {"id": r.id, "path": r.path, "score": r.score, "near_duplicate": r.near_duplicate, "tags": r.tags}
+                for r in self.results
+            ],
             "took_ms": round(self.took_ms, 3),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "strategy": self.strategy,
         }
 
 
-def embed_image_bytes(library: Library, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+@dataclass(frozen=True)
+class Query:
+    """An image as the search sees it: its embedding and its pixel signature."""
+
+    vector: np.ndarray
+    signature: bytes | None
+
+
+def embed_image_bytes(library: Library, data: bytes) -> tuple[Query, dict[str, float]]:
     """Decode and embed one query image; raises ImageRejected for bytes that are not an image."""
     backbone = library.backbone()
     t0 = time.perf_counter()
-    pixels, _ = decode_for_model(data, backbone.preprocess, max_pixels=library.settings.max_image_pixels)
+    pixels, info = decode_for_model(data, backbone.preprocess, max_pixels=library.settings.max_image_pixels)
     t1 = time.perf_counter()
     vector = backbone.embed(pixels[None])[0]
     t2 = time.perf_counter()
-    return vector, {"decode_ms": (t1 - t0) * 1000, "embed_ms": (t2 - t1) * 1000}
+    return Query(vector, info.signature), {"decode_ms": (t1 - t0) * 1000, "embed_ms": (t2 - t1) * 1000}
 
 
 def search_image(library: Library, data: bytes, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
     started = time.perf_counter()
-    vector, timings = embed_image_bytes(library, data)
-    return _ranked(library, vector, k, started, timings, tag_filter)
+    query, timings = embed_image_bytes(library, data)
+    return _ranked(library, query, k, started, timings, tag_filter)
 
 
 def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
@@ -68,16 +80,22 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
     vector = index.reconstruct(image_id) if 0 < image_id < 2**63 else None  # ids are SQL BIGINTs
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
-    return _ranked(library, vector, k, started, {}, tag_filter, exclude=image_id)
+    with library.sessions() as session:
+        row = store.get_image(session, image_id)
+        signature = row.signature if row is not None else None
+    return _ranked(library, Query(vector, signature), k, started, {}, tag_filter, exclude=image_id)
 
 
-def _ranked(library, vector, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
+def _ranked(library, query: Query, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
     t0 = time.perf_counter()
     index = library.index(repair_on_disk=False)
     # OpenMP's thread count is per calling thread, and a server answers from a pool of them: set it
     # here, on the thread that searches. One thread: 2.1 ms against 7.1 ms for 10k vectors here.
     faiss.omp_set_num_threads(library.settings.search_threads or os.cpu_count() or 1)
-    want = k + (exclude is not None)
+    # A pool wider than k, so that a copy of the query the embedding ranked lower can move up.
+    pool = max(k, near_duplicates.POOL)
+    want = pool + (exclude is not None)
+    vector = query.vector
     if tag_filter is None or tag_filter.is_empty():
         (hits,) = index.search(vector[None], want)
         strategy = "unfiltered"
@@ -85,13 +103,19 @@ def _ranked(library, vector, k, started, timings, tag_filter, exclude: int | Non
         allowed = library.tag_index().allowed(tag_filter, index.ids)
         if exclude is not None:
             allowed = allowed[allowed != exclude]
-            want = k
+            want = pool
         hits, strategy = index.search_filtered(vector, want, allowed)
-    hits = [h for h in hits if h.id != exclude][:k]
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
+    t1 = time.perf_counter()
     with library.sessions() as session:
-        rows = store.images_by_ids(session, [h.id for h in hits])
-        tags = tags_of(session, [h.id for h in hits])
-    # A row may vanish between search and lookup if a writer removed it; skip rather than fail.
-    results = [SearchResult(h.id, rows[h.id].path, h.score, tags[h.id]) for h in hits if h.id in rows]
+        rows = store.search_candidates(session, [h.id for h in hits if h.id != exclude])
+        # A row may vanish between search and lookup if a writer removed it; skip rather than fail.
+        hits = [h for h in hits if h.id in rows]
+        ranked = near_duplicates.rerank(query.signature, [rows[h.id].signature for h in hits])[:k]
+        chosen = [hits[r.position] for r in ranked]
+        tags = tags_of(session, [h.id for h in chosen])
+    results = [
+        SearchResult(h.id, rows[h.id].path, h.score, tags[h.id], r.near_duplicate) for h, r in zip(chosen, ranked)
+    ]
+    timings["rerank_ms"] = (time.perf_counter() - t1) * 1000
     return SearchResponse(results, (time.perf_counter() - started) * 1000, timings, strategy)

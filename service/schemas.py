@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 
 class TagOut(BaseModel):
@@ -16,7 +16,10 @@ class TagOut(BaseModel):
 class ResultOut(BaseModel):
     id: int
     path: str
-    score: float
+    score: float = Field(description="Cosine similarity of the two embeddings")
+    near_duplicate: bool = Field(
+        description="A resized or re-encoded copy of the query (same 16x16 pixel layout); these come first"
+    )
     tags: list[TagOut]
 
 

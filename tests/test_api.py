@@ -119,15 +119,17 @@ def test_search_by_upload_has_the_cli_json_shape(client, indexed):
     payload = response.json()
 
     assert set(payload) >= {"results", "took_ms", "timings_ms"}
-    assert set(payload["timings_ms"]) >= {"decode_ms", "embed_ms", "search_ms"}
+    assert set(payload["timings_ms"]) >= {"decode_ms", "embed_ms", "search_ms", "rerank_ms"}
     assert all(isinstance(v, float) and v >= 0 for v in payload["timings_ms"].values())
     assert payload["took_ms"] > 0
     results = payload["results"]
     assert len(results) == 5
     for item in results:
-        assert {"id", "path", "score"} <= set(item)
+        assert {"id", "path", "score", "near_duplicate"} <= set(item)
         assert isinstance(item["id"], int) and isinstance(item["score"], float)
         assert indexed.ids[item["path"]] == item["id"]
+    # The query is itself indexed: its own file is the one copy among the results.
+    assert [r["near_duplicate"] for r in results] == [True, False, False, False, False]
     assert results[0]["id"] == indexed.id_of(query) and results[0]["path"] == str(query)
     assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert results[1]["score"] < 0.999

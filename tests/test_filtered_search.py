@@ -208,7 +208,7 @@ def test_real_index_every_filter_matches_brute_force(real):
     # Searches by image bytes: the query is embedded the same way; the image itself is included.
     for path in (real.photos[5], CAT):
         data = path.read_bytes()
-        query = embed_image_bytes(library, data)[0].astype(np.float64)
+        query = embed_image_bytes(library, data)[0].vector.astype(np.float64)
         for tag_filter in filters[::7]:
             response = search_image(library, data, 10, tag_filter)
             strategies.append(_check_response(real, response, query, tag_filter, 10))

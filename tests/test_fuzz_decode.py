@@ -98,8 +98,9 @@ def library(tmp_path_factory, model_cache):
 def test_every_seed_embeds(library):
     """The mutations start from files that are valid; otherwise the fuzzing proves little."""
     for data in SEEDS:
-        vector, _ = embed_image_bytes(library, data)
-        assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-4)
+        query, _ = embed_image_bytes(library, data)
+        assert np.isclose(np.linalg.norm(query.vector), 1.0, atol=1e-4)
+        assert len(query.signature) == 256
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # expected: the bytes are damaged on purpose
@@ -113,10 +114,11 @@ def test_every_seed_embeds(library):
 @given(data=damaged_images())
 def test_damaged_bytes_are_rejected_with_a_reason_or_embed_cleanly(library, data):
     try:
-        vector, _ = embed_image_bytes(library, data)
+        query, _ = embed_image_bytes(library, data)
     except ImageRejected as exc:
         assert str(exc).strip(), "a rejection must say why"
         return
+    vector = query.vector
     assert vector.shape == (library.backbone().dim,)
     assert vector.dtype == np.float32
     assert np.all(np.isfinite(vector))

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 from sqlalchemy import select
 
@@ -322,6 +323,26 @@ def test_paste_and_drop_an_image(watched, server, http, home):
         wait_for_grid(page, ids_of(upload_answer(http, photo)))
         assert grid_ids(page)[0] == home.id_of(photo), kind
         assert photo.name in page.locator("#query-caption").inner_text()
+
+
+def test_a_resized_copy_is_marked_as_a_copy(watched, server, http, home, tmp_path, shots):
+    page = watched.page
+    page.goto(server + "/")
+    page.locator(".facet-btn").first.wait_for()
+    photo = query_photo(home)
+    copy = tmp_path / "half-size-copy.jpg"
+    with Image.open(photo) as img:
+        img.resize((img.width // 2, img.height // 2), Image.Resampling.BICUBIC).save(copy, quality=90)
+    answer = upload_answer(http, copy)
+    assert answer["results"][0]["near_duplicate"] and answer["results"][0]["score"] < 0.9999
+    page.set_input_files("#file-input", str(copy))
+    wait_for_grid(page, ids_of(answer))
+    first = page.locator("#results > li.card").first
+    assert int(first.get_attribute("data-id")) == home.id_of(photo)
+    badge = first.locator(".badge")
+    assert badge.inner_text() == "copy" and "copy of the query" in badge.get_attribute("title")
+    assert page.locator("#results > li.card .badge").count() == 1  # only the copy is marked
+    snap(page, shots, "12-resized-copy")
 
 
 def test_open_a_result_more_like_this_and_reload(watched, server, http, home, shots):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from indexer import store
@@ -152,16 +153,22 @@ def write_tags(
     return len(rows)
 
 
+@functools.cache
+def _tags_statement(dialect: str):
+    """Built once per dialect (every search runs it): an expanding IN takes any list of ids."""
+    return (
+        select(TagRow.image_id, HeadRow.name, TagRow.label, TagRow.score)
+        .join(HeadRow, HeadRow.id == TagRow.head_id)
+        .where(TagRow.image_id.in_(bindparam("ids", expanding=True)))
+        .order_by(TagRow.image_id, store.code_point_order_for(dialect, HeadRow.name), TagRow.score.desc())
+    )
+
+
 def tags_of(session: Session, image_ids: list[int]) -> dict[int, list[dict]]:
     """Each image's tags as {head, label, score}, strongest first within a head."""
     out: dict[int, list[dict]] = {int(i): [] for i in image_ids}
+    statement = _tags_statement(session.get_bind().dialect.name)
     for chunk in store.chunks(list(out)):
-        rows = session.execute(
-            select(TagRow.image_id, HeadRow.name, TagRow.label, TagRow.score)
-            .join(HeadRow, HeadRow.id == TagRow.head_id)
-            .where(TagRow.image_id.in_(chunk))
-            .order_by(TagRow.image_id, store.code_point_order(session, HeadRow.name), TagRow.score.desc())
-        )
-        for image_id, head, label, score in rows:
+        for image_id, head, label, score in session.execute(statement, {"ids": chunk}):
             out[image_id].append({"head": head, "label": label, "score": float(score)})
     return out

@@ -456,9 +456,14 @@
     return labels.length ? `${name}, tagged ${labels.join(", ")}` : name;
   }
 
+  function badgeTitle(badge) {
+    return badge === "copy" ? "A resized or re-encoded copy of the query image" : "The query image itself";
+  }
+
   function resultCard(result) {
     const name = basename(result.path);
-    const exact = result.score >= 0.9999;
+    // Near-duplicates (resized or re-encoded copies of the query) come first; the server marks them.
+    const badge = result.score >= 0.9999 ? "same image" : result.near_duplicate ? "copy" : null;
     const img = el("img", { alt: altText(name, result.tags), loading: "lazy", decoding: "async", width: 256, height: 256 });
     setImage(img, `/images/${result.id}/thumbnail`);
     const open = el(
@@ -469,7 +474,7 @@
         "aria-label": `${name}, similarity ${fmtScore(result.score)}: open details`,
         onclick: () => openDetail(result.id, result),
       },
-      [img, exact ? el("span", { className: "badge", text: "same image" }) : null],
+      [img, badge ? el("span", { className: "badge", text: badge, title: badgeTitle(badge) }) : null],
     );
     const meta = el("div", { className: "card-meta" }, [
       el("span", { className: "score", title: "Cosine similarity", text: fmtScore(result.score) }),
