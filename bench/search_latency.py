@@ -6,12 +6,13 @@
 The home: every dataset photo indexed for real (indexer.pipeline.index_folders; cached under
 bench/out/cache/latency-base-home), copied to a scratch home and topped up to --images vectors with
 synthetic-but-realistic ones: a real embedding plus Gaussian noise (sigma 0.01 per dimension, cosine
-~0.94 to its source), renormalised, written through the same store functions as indexing
-(indexer.store.write_images, tags from every head via write_tags, then VectorIndex.add + save).
+~0.94 to its source), renormalised, with a random pixel signature, written through the same store
+functions as indexing (indexer.store.write_images, tags from every head via write_tags, then
+VectorIndex.add + save).
 
 `lookalike serve --port FREE --home HOME` runs as a subprocess on 127.0.0.1; httpx sends dataset photos
 one at a time (10 warm-up requests first, not counted). Reported: client-side end-to-end latency
-p50/p90/p99 and the server's own split (decode_ms, embed_ms, search_ms from `timings_ms`).
+p50/p90/p99 and the server's own split (decode_ms, embed_ms, search_ms, rerank_ms from `timings_ms`).
 Target: p50 <= 20 ms at 10k images.
 
 Baselines in the same run: the same query photos embedded with the raw ONNX model and searched in the
@@ -51,6 +52,7 @@ from benchlib import (
 TARGET_P50_MS = 20.0
 NOISE = 0.01
 K = 10
+SPLIT = ("decode_ms", "embed_ms", "search_ms", "rerank_ms")  # the server's own timings_ms
 
 
 def base_home(photos: list[Path], quick: bool) -> Path:
@@ -108,6 +110,7 @@ def top_up(home: Path, total: int, seed: int = 0) -> int:
                     width=640,
                     height=480,
                     format="JPEG",
+                    signature=rng.integers(0, 256, 256, dtype=np.uint8).tobytes(),
                     vector=x[j],
                     norm=float(real_norms[s]),
                 )
@@ -154,14 +157,14 @@ def serve_and_query(home: Path, queries: list[bytes], warmup: int = 10) -> dict:
                 client.post(
                     "/search", files={"file": ("q.jpg", data, "image/jpeg")}, params={"k": K}
                 ).raise_for_status()
-            e2e, split = [], {"decode_ms": [], "embed_ms": [], "search_ms": [], "took_ms": []}
+            e2e, split = [], {k: [] for k in (*SPLIT, "took_ms")}
             for data in queries:
                 started = time.perf_counter()
                 response = client.post("/search", files={"file": ("q.jpg", data, "image/jpeg")}, params={"k": K})
                 e2e.append((time.perf_counter() - started) * 1000)
                 response.raise_for_status()
                 body = response.json()
-                for key in ("decode_ms", "embed_ms", "search_ms"):
+                for key in SPLIT:
                     split[key].append(body["timings_ms"][key])
                 split["took_ms"].append(body["took_ms"])
     finally:
@@ -242,9 +245,8 @@ def plot(result: dict, path: Path) -> None:
     left.set_title("POST /search end-to-end (client side)")
     left.legend(fontsize=8)
     big = result["server"][-1]
-    parts = ["decode_ms", "embed_ms", "search_ms"]
     bottom = 0.0
-    for part, color in zip(parts, ["#ff7f0e", "#1f77b4", "#2ca02c"]):
+    for part, color in zip(SPLIT, ["#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd"]):
         value = big["server_ms"][part]["p50"]
         right.bar(["server split (p50)"], [value], bottom=bottom, label=part, color=color)
         bottom += value
@@ -305,8 +307,8 @@ def main() -> None:
         )
         s = r["server_ms"]
         print(
-            f"{'  server decode / embed / search':<34} "
-            + " / ".join(f"{s[k]['p50']:.1f}" for k in ("decode_ms", "embed_ms", "search_ms"))
+            f"{'  server decode/embed/search/rerank':<34} "
+            + " / ".join(f"{s[k]['p50']:.1f}" for k in SPLIT)
             + f"  (p50; took_ms p50 {s['took_ms']['p50']:.1f})"
         )
     f = base_floor
