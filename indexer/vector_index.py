@@ -32,6 +32,19 @@ METRIC = "inner_product"
 OVERFETCH_MIN_SELECTIVITY = 0.2
 
 
+# Results beyond k fetched so that equal scores at the k-th place are settled by id, not by FAISS.
+TIE_MARGIN = 8
+
+
+def _hits(ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    """FAISS's hits, equal scores in id order: FAISS orders ties by how many results were asked
+    for (k=1 returns the first of two identical images, k=2 the second first), and a result must
+    not depend on k. Identical files under two paths score exactly alike; the older comes first."""
+    hits = [Hit(int(i), float(s)) for i, s in zip(ids, scores) if i != -1]
+    hits.sort(key=lambda h: (-h.score, h.id))
+    return hits
+
+
 def _members(ids: np.ndarray, allowed_sorted: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(allowed_sorted, ids)
     pos[pos >= len(allowed_sorted)] = 0
@@ -75,11 +88,9 @@ class VectorIndex:
         k = min(k, len(self))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [
-            [Hit(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i != -1]
-            for row_ids, row_scores in zip(ids, scores)
-        ]
+        fetch = min(k + TIE_MARGIN, len(self))
+        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        return [_hits(row_ids, row_scores)[:k] for row_ids, row_scores in zip(ids, scores)]
 
     def search_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[list[Hit], str]:
         """Exact top-k among `allowed` ids (sorted); also names the strategy used.
@@ -98,11 +109,11 @@ class VectorIndex:
                 scores, ids = self._index.search(query, fetch)
                 keep = _members(ids[0], allowed)
                 if keep.sum() >= k or fetch >= n:
-                    return [Hit(int(i), float(s)) for i, s in zip(ids[0][keep][:k], scores[0][keep][:k])], "overfetch"
+                    return _hits(ids[0][keep], scores[0][keep])[:k], "overfetch"
                 fetch = min(n, fetch * 2)
         params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        scores, ids = self._index.search(query, min(k, m), params=params)
-        return [Hit(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1], "subset"
+        scores, ids = self._index.search(query, min(k + TIE_MARGIN, m), params=params)
+        return _hits(ids[0], scores[0])[:k], "subset"
 
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id`, or None when the index does not hold it."""

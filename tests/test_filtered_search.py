@@ -408,13 +408,18 @@ def test_synthetic_filtered_search_is_exact(synthetic, k):
     assert strategies["empty"] == {0.0}
 
 
-def test_synthetic_ties_are_the_only_reorderings(synthetic):
+def test_synthetic_ties_come_in_id_order_whatever_k(synthetic):
     # The duplicated vectors score identically for every query: a query equal to one of them finds
-    # all three copies first, in some order, and nothing else in between.
+    # all three copies first, in id order (FAISS alone orders ties differently for k=1 and k>1),
+    # and nothing else in between, unfiltered and through both filtered strategies.
     query = synthetic.vectors[0]
-    copies = {int(synthetic.ids[0]), int(synthetic.ids[N - 200]), int(synthetic.ids[N - 100])}
-    for allowed in (synthetic.ids, np.sort(np.concatenate([list(copies), synthetic.ids[1000:1100]]))):
-        hits, _ = synthetic.index.search_filtered(query, 5, allowed)
-        assert {h.id for h in hits[:3]} == copies
-        assert hits[0].score == hits[1].score == hits[2].score == pytest.approx(1.0, abs=1e-5)
-        assert hits[3].score < hits[2].score
+    copies = sorted([int(synthetic.ids[0]), int(synthetic.ids[N - 200]), int(synthetic.ids[N - 100])])
+    for k in (1, 2, 3, 5, 50):
+        (unfiltered,) = synthetic.index.search(query[None], k)
+        assert [h.id for h in unfiltered[:3]] == copies[:k]
+        for allowed in (synthetic.ids, np.sort(np.concatenate([copies, synthetic.ids[1000:1100]]))):
+            hits, _ = synthetic.index.search_filtered(query, k, allowed)
+            assert [h.id for h in hits[:3]] == copies[:k]
+            assert len({h.score for h in hits[:3]}) == 1 and hits[0].score == pytest.approx(1.0, abs=1e-5)
+            if k > 3:
+                assert hits[3].score < hits[2].score
