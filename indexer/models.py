@@ -41,6 +41,11 @@ class Base(DeclarativeBase):
     pass
 
 
+# Image ids are 64-bit everywhere, as FAISS keys them. SQLite's INTEGER PRIMARY KEY is 64-bit
+# already and is the rowid that numbers new rows, which a BIGINT column there would not be.
+ImageId = BigInteger().with_variant(Integer, "sqlite")
+
+
 class BackboneRow(Base):
     """The embedding model an index belongs to; every stored vector names one."""
 
@@ -65,7 +70,7 @@ class Root(Base):
 class ImageRow(Base):
     __tablename__ = "images"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ImageId, primary_key=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
@@ -90,7 +95,7 @@ class EmbeddingRow(Base):
 
     __tablename__ = "embeddings"
 
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"), index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian, unit length
     # Length of the backbone's features before normalisation: lets the built-in ImageNet
@@ -127,7 +132,7 @@ class TagRow(Base):
     __tablename__ = "tags"
     __table_args__ = (Index("ix_tags_head_label", "head_id", "label"), Index("ix_tags_label", "label"))
 
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     head_id: Mapped[int] = mapped_column(ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True)
     label: Mapped[str] = mapped_column(String(200), primary_key=True)
     score: Mapped[float] = mapped_column(Float)

@@ -1,7 +1,7 @@
 """The store where databases differ, on the selected database (`--database=postgres` runs these on
 PostgreSQL): lookups by more values than one statement can bind (PostgreSQL takes 65535), LIKE
 wildcards in folder names, NUL in stored text, listings in one order whatever the collation, and
-image ids beyond the id column's range.
+image ids beyond 32 and 64 bits.
 
 No model is loaded: rows are written with store.write_images and 4-dimensional vectors.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from indexer import store
 from indexer.heads.model import MULTICLASS, Head
@@ -154,9 +154,42 @@ def test_odd_paths_are_stored_and_found_exactly(library):
         assert sorted(store.files_under(session, "/p")) == sorted(paths)
 
 
-@pytest.mark.parametrize("image_id", [2**31 - 1, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63)])
-def test_ids_beyond_the_id_column_name_no_image(library, image_id):
+@pytest.mark.parametrize("image_id", [2**31 - 1, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1])
+def test_unknown_ids_up_to_and_beyond_64_bits_name_no_image(library, image_id):
     add_images(library, ["/p/1.jpg"])
     with library.sessions() as session:
         assert store.get_image(session, image_id) is None
         assert store.images_by_ids(session, [image_id, 1]).keys() == {1}
+
+
+def test_image_ids_beyond_32_bits_work(library):
+    """Ids are 64-bit on every database (migration 0004): numbering past 2**31 goes on working."""
+    start = 2**31 + 10
+    with library.sessions.begin() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"ALTER SEQUENCE images_id_seq RESTART WITH {start}"))
+        else:  # SQLite numbers a new row one past the largest rowid
+            session.execute(
+                text(
+                    "INSERT INTO images (id, path, size, mtime_ns, status, indexed_at) "
+                    f"VALUES ({start - 1}, '/p/seed.jpg', 1, 1, 'failed', '2024-01-01')"
+                )
+            )
+    ids = add_images(library, ["/p/a.jpg", "/p/b.jpg"])
+    assert sorted(ids.values()) == [start, start + 1]
+    head = Head("kind", MULTICLASS, ["a", "b"], np.eye(2, DIM, dtype=np.float32), np.zeros(2, np.float32))
+    with library.sessions.begin() as session:
+        backbone_id = store.backbone_in_use(session).id
+        save_head(session, head, backbone_id, metrics={})
+        (stored,) = load_heads(session, backbone_id, ["kind"])
+        write_tags(session, [stored], np.array(list(ids.values())), np.eye(2, DIM, dtype=np.float32), None)
+    with library.sessions() as session:
+        assert store.get_image(session, start).path == "/p/a.jpg"
+        assert {i: c.path for i, c in store.search_candidates(session, ids.values()).items()} == {
+            v: k for k, v in ids.items()
+        }
+        assert [t["label"] for t in tags_of(session, [start])[start]] == ["a"]
+    # A fresh open checks the FAISS index against the database and keys the vectors by these ids.
+    fresh = Library(library.settings)
+    assert sorted(fresh.index().ids().tolist()) == [start, start + 1]
+    fresh.close()
