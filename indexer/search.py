@@ -81,8 +81,8 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
     with library.sessions() as session:
-        row = store.get_image(session, image_id)
-        signature = row.signature if row is not None else None
+        own = store.search_candidates(session, [image_id]).get(image_id)
+    signature = own.signature if own is not None else None
     return _ranked(library, Query(vector, signature), k, started, {}, tag_filter, exclude=image_id)
 
 
