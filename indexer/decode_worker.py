@@ -47,6 +47,8 @@ class Task:
     mtime_ns: int
     replaces: int | None = None  # the image id this file had before it changed
     old_hash: str | None = None
+    # An unchanged file indexed before images had pixel signatures: decoded for its signature only.
+    signature_only: bool = False
 
 
 @dataclass

@@ -79,7 +79,8 @@ class ImageRow(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16))
     # The whole frame in 16 x 16 grey, 256 bytes: finds resized and re-encoded copies of a query
-    # (indexer/near_duplicates.py). NULL for failures and for images indexed before revision 0003.
+    # (indexer/near_duplicates.py). NULL for failures, and for images indexed before revision 0003
+    # until the next index run fills it in.
     signature: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), index=True)  # "indexed" or "failed"
     error: Mapped[str | None] = mapped_column(Text)

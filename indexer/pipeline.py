@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,16 @@ class _Plan:
     unchanged: int = 0
     previously_failed: int = 0
 
+    def add(self, item: FoundFile, previous: store.KnownFile | None) -> None:
+        """A file found on disk, with its row from an earlier run if it has one."""
+        if not (previous and _unchanged(previous, item)):
+            self.tasks.append(_task(item, previous))
+        elif previous.status == store.STATUS_INDEXED and not previous.has_signature:
+            self.tasks.append(replace(_task(item, previous), signature_only=True))
+        else:
+            self.unchanged += previous.status == store.STATUS_INDEXED
+            self.previously_failed += previous.status == store.STATUS_FAILED
+
 
 def _plan(library: Library, roots: list[str]) -> _Plan:
     plan = _Plan()
@@ -81,11 +91,8 @@ def _plan(library: Library, roots: list[str]) -> _Plan:
                 previous = known.get(item.path)
                 if isinstance(item, ScanFailure):
                     plan.scan_failures.append((item, previous.id if previous else None))
-                elif previous and _unchanged(previous, item):
-                    plan.unchanged += previous.status == store.STATUS_INDEXED
-                    plan.previously_failed += previous.status == store.STATUS_FAILED
                 else:
-                    plan.tasks.append(_task(item, previous))
+                    plan.add(item, previous)
             plan.removed_ids.extend(k.id for path, k in known.items() if path not in seen)
     return plan
 
@@ -165,12 +172,7 @@ def _plan_files(library: Library, files: list[str]) -> _Plan:
         except OSError as exc:
             plan.scan_failures.append((ScanFailure(path, os_reason(exc)), previous.id if previous else None))
             continue
-        item = FoundFile(path, st.st_size, st.st_mtime_ns)
-        if previous and _unchanged(previous, item):
-            plan.unchanged += previous.status == store.STATUS_INDEXED
-            plan.previously_failed += previous.status == store.STATUS_FAILED
-        else:
-            plan.tasks.append(_task(item, previous))
+        plan.add(FoundFile(path, st.st_size, st.st_mtime_ns), previous)
     return plan
 
 
@@ -232,7 +234,10 @@ def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, pr
     if progress:
         progress(0, total)
     remaining, prefetched = pool.claim_prefetched(tasks)
-    chunks = deque([(t, False) for t in remaining[i : i + CHUNK_FILES]] for i in range(0, len(remaining), CHUNK_FILES))
+    # Signature-only files are decoded although their bytes are indexed (force), for the signature.
+    chunks = deque(
+        [(t, t.signature_only) for t in remaining[i : i + CHUNK_FILES]] for i in range(0, len(remaining), CHUNK_FILES)
+    )
     max_inflight = pool.workers * READ_AHEAD_CHUNKS
     done = 0
     try:
@@ -265,7 +270,7 @@ def _prefetched_results(claimed, known: frozenset[str], chunks: deque) -> list[D
     try:
         results = future.result()
     except BrokenProcessPool:  # a decoder died: decode these the usual way, which isolates the culprit
-        chunks.append([(task, False) for task in mapping.values()])
+        chunks.append([(task, task.signature_only) for task in mapping.values()])
         return []
     return [adopt(d, mapping[file_key(d.task)], known) for d in results if file_key(d.task) in mapping]
 
@@ -286,6 +291,7 @@ class _BatchWriter:
         self.ready: list[tuple[Task, NewImage]] = []  # failures: rows needing no vector
         self.reuse: list[Decoded] = []  # bytes already indexed or in this batch: no model call
         self.touched: dict[int, tuple[int, int]] = {}
+        self.signatures: dict[int, bytes] = {}  # for rows indexed before there were signatures
         self.hash_to_id: dict[str, int] = {}  # content embedded earlier in this run
         self.dirty = False
         self.last_save = time.monotonic()
@@ -298,6 +304,10 @@ class _BatchWriter:
         task = decoded.task
         if decoded.error:
             self.add_failure(task, decoded.error)
+        elif task.signature_only and decoded.content_hash == task.old_hash:
+            if decoded.info is not None and decoded.info.signature is not None:
+                self.signatures[task.replaces] = decoded.info.signature
+            self.report.unchanged += 1
         elif decoded.pixels is None and decoded.content_hash == task.old_hash:
             self.touched[task.replaces] = (task.size, task.mtime_ns)  # touched, same bytes
             self.report.unchanged += 1
@@ -306,7 +316,8 @@ class _BatchWriter:
             self.reuse.append(decoded)
         else:
             self.to_embed.append(decoded)
-        if len(self.to_embed) >= self.batch_size or len(self.ready) + len(self.reuse) >= 4 * self.batch_size:
+        waiting = len(self.ready) + len(self.reuse) + len(self.signatures)
+        if len(self.to_embed) >= self.batch_size or waiting >= 4 * self.batch_size:
             return self.flush()
         return []
 
@@ -326,9 +337,9 @@ class _BatchWriter:
                 batch_vectors[decoded.content_hash] = (vector, float(norm))
         reused, retries = self._resolve_reused(batch_vectors)
         items += reused
-        if items or self.touched:
+        if items or self.touched or self.signatures:
             self._commit(items)
-        self.to_embed, self.ready, self.reuse, self.touched = [], [], [], {}
+        self.to_embed, self.ready, self.reuse, self.touched, self.signatures = [], [], [], {}, {}
         return retries
 
     def _commit(self, items: list[tuple[Task, NewImage]]) -> None:
@@ -337,6 +348,7 @@ class _BatchWriter:
         with self.library.sessions.begin() as session:
             ids = store.write_images(session, rows, self.backbone_id, replaced)
             store.touch_images(session, self.touched)
+            store.set_signatures(session, self.signatures)
             tagged = [(image_id, row) for image_id, row in zip(ids, rows) if row.vector is not None]
             if tagged and self.heads:  # tags land in the same transaction as their images
                 write_tags(
@@ -359,7 +371,7 @@ class _BatchWriter:
             if row.vector is not None:
                 self.report.added += task.replaces is None
                 self.report.updated += task.replaces is not None
-        self.dirty = True
+        self.dirty = self.dirty or bool(items)  # new sizes, times or signatures leave FAISS as it was
         if time.monotonic() - self.last_save > _SAVE_EVERY_S:
             self.index.save(self.library.index_dir, self.backbone.name)
             self.last_save = time.monotonic()

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, or_, select
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from indexer.errors import BackboneMismatch
@@ -24,6 +24,7 @@ class KnownFile:
     content_hash: str | None
     status: str
     error: str | None = None
+    has_signature: bool = True  # False for images indexed before migration 0003
 
 
 @dataclass
@@ -87,6 +88,7 @@ _KNOWN_COLUMNS = (
     ImageRow.content_hash,
     ImageRow.status,
     ImageRow.error,
+    ImageRow.signature.is_not(None),
 )
 
 
@@ -98,11 +100,7 @@ def files_under(session: Session, root: str) -> dict[str, KnownFile]:
     rows = session.execute(
         select(*_KNOWN_COLUMNS).where(or_(ImageRow.path.like(pattern, escape="\\"), ImageRow.path == root))
     )
-    return {
-        path: KnownFile(id_, size, mtime, digest, status, error)
-        for path, id_, size, mtime, digest, status, error in rows
-        if path.startswith(prefix) or path == root
-    }
+    return {row[0]: KnownFile(*row[1:]) for row in rows if row[0].startswith(prefix) or row[0] == root}
 
 
 # Values per IN (...) list: PostgreSQL takes at most 65535 bound parameters in one statement
@@ -229,6 +227,12 @@ def _storable_text(text: str | None) -> str | None:
     """A reason as every database stores it: PostgreSQL's text cannot hold NUL, which would fail
     the whole batch (a decoder's message may quote bytes of a hostile file)."""
     return None if text is None else text.replace("\x00", "\\x00")
+
+
+def set_signatures(session: Session, signatures: dict[int, bytes]) -> None:
+    """Pixel signatures for images indexed before there were any (their files are unchanged)."""
+    if signatures:
+        session.execute(update(ImageRow), [{"id": image_id, "signature": sig} for image_id, sig in signatures.items()])
 
 
 def touch_images(session: Session, updates: dict[int, tuple[int, int]]) -> None:

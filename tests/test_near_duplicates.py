@@ -28,6 +28,7 @@ from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
 from indexer.search import embed_image_bytes, search_image, search_similar
+from indexer.vector_index import read_manifest
 
 LITE0 = Preprocess(input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 CALTECH = Path(__file__).parent / "data" / "caltech101"
@@ -192,3 +193,40 @@ def test_identical_files_share_their_signature(tmp_path, model_cache):
     library.close()
     expected = signature((CALTECH / "airplane_0582.jpg").read_bytes())
     assert stored == {str(folder / name): expected for name in ("a.jpg", "b.jpg", "c.jpg")}
+
+
+@pytest.mark.storage
+def test_images_indexed_before_signatures_get_them_on_the_next_run(tmp_path, model_cache, photo_dir):
+    """Migration 0003 leaves existing rows without a signature; the next `index` run decodes those
+    files for it alone: same rows and ids, no model call, the FAISS bundle untouched."""
+    home = tmp_path / "old-home"
+    library = Library(databases.home_settings(home, model_cache=model_cache))
+    index_folders(library, [str(photo_dir)])
+
+    def rows() -> dict[str, tuple[int, bytes | None]]:
+        with library.sessions() as session:
+            found = session.execute(select(ImageRow.path, ImageRow.id, ImageRow.signature))
+            return {path: (image_id, sig) for path, image_id, sig in found}
+
+    def forget_signatures() -> None:
+        with library.sessions.begin() as session:
+            session.execute(update(ImageRow).values(signature=None))
+
+    before = rows()
+    assert len(before) == 20 and all(sig is not None for _, sig in before.values())
+    generation = read_manifest(library.index_dir)["generation"]
+
+    forget_signatures()
+    report = index_folders(library, [str(photo_dir)])
+    assert (report.added, report.updated, report.removed, report.unchanged, report.embedded) == (0, 0, 0, 20, 0)
+    assert rows() == before
+    assert read_manifest(library.index_dir)["generation"] == generation
+
+    # Through the CLI too, whose decoders start on the first files before the run plans anything.
+    forget_signatures()
+    args = ["index", str(photo_dir), "--home", str(home), "-q"]
+    run = CliRunner().invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
+    assert run.exit_code == 0, run.output
+    assert "added 0, updated 0, removed 0, unchanged 20, failed 0" in run.stderr
+    assert rows() == before
+    library.close()

@@ -15,7 +15,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # Nullable: images indexed before this revision have none until their files are indexed again.
+    # Nullable: images indexed before this revision get theirs from the next `lookalike index` run.
     with op.batch_alter_table('images', schema=None) as batch_op:
         batch_op.add_column(sa.Column('signature', sa.LargeBinary(), nullable=True))
 
