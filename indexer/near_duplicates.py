@@ -38,11 +38,11 @@ def _centred(signatures: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-3)
 
 
-def similarity(query: bytes, candidates: Sequence[bytes | None]) -> np.ndarray:
+def similarity(query: bytes | None, candidates: Sequence[bytes | None]) -> np.ndarray:
     """Pearson correlation of the query's signature with each candidate's; -1 where one is missing."""
     out = np.full(len(candidates), -1.0, dtype=np.float32)
     present = [i for i, s in enumerate(candidates) if s is not None and len(s) == SIDE * SIDE]
-    if len(query) != SIDE * SIDE or not present:
+    if query is None or len(query) != SIDE * SIDE or not present:
         return out
     q = _centred(np.frombuffer(query, dtype=np.uint8)[None])[0]
     c = _centred(np.stack([np.frombuffer(candidates[i], dtype=np.uint8) for i in present]))
@@ -58,8 +58,6 @@ class Ranked:
 
 def rerank(query: bytes | None, candidates: Sequence[bytes | None]) -> list[Ranked]:
     """Candidates (in vector-search order) re-ordered: near-duplicates of the query first."""
-    if query is None:
-        return [Ranked(i, False) for i in range(len(candidates))]
     sims = similarity(query, candidates)
     copies = sorted((i for i in range(len(candidates)) if sims[i] >= MATCH), key=lambda i: -sims[i])
     rest = [i for i in range(len(candidates)) if sims[i] < MATCH]

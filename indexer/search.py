@@ -80,10 +80,8 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
     vector = index.reconstruct(image_id) if 0 < image_id < 2**63 else None  # ids are SQL BIGINTs
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
-    with library.sessions() as session:
-        own = store.search_candidates(session, [image_id]).get(image_id)
-    signature = own.signature if own is not None else None
-    return _ranked(library, Query(vector, signature), k, started, {}, tag_filter, exclude=image_id)
+    # Its signature is read in _ranked, in the same lookup as the candidates'.
+    return _ranked(library, Query(vector, None), k, started, {}, tag_filter, exclude=image_id)
 
 
 def _ranked(library, query: Query, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
@@ -108,10 +106,12 @@ def _ranked(library, query: Query, k, started, timings, tag_filter, exclude: int
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     with library.sessions() as session:
-        rows = store.search_candidates(session, [h.id for h in hits if h.id != exclude])
+        rows = store.search_candidates(session, [h.id for h in hits] + ([exclude] if exclude is not None else []))
+        own = rows.pop(exclude, None) if exclude is not None else None  # a search by id: the query image
+        signature = own.signature if own is not None else query.signature
         # A row may vanish between search and lookup if a writer removed it; skip rather than fail.
         hits = [h for h in hits if h.id in rows]
-        ranked = near_duplicates.rerank(query.signature, [rows[h.id].signature for h in hits])[:k]
+        ranked = near_duplicates.rerank(signature, [rows[h.id].signature for h in hits])[:k]
         chosen = [hits[r.position] for r in ranked]
         tags = tags_of(session, [h.id for h in chosen])
     results = [
