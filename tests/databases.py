@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -34,6 +35,8 @@ from sqlalchemy.exc import DBAPIError
 SQLITE, POSTGRES = "sqlite", "postgres"
 BACKENDS = (SQLITE, POSTGRES)
 TEST_SERVER_VAR = "LOOKALIKE_TEST_DATABASE_URL"
+COPY_WAIT = 60  # seconds a template copy waits for the template's terminated sessions to end
+_RUN_TOKEN = secrets.token_hex(3)  # this test run's, in the name of every database it creates
 
 
 class Server:
@@ -51,8 +54,10 @@ class Server:
     def create(self, hint: str = "db", template: str | None = None, name: str | None = None) -> str:
         """A new, empty database (or a copy of `template`); returns its name."""
         if name is None:
-            slug = "".join(c if c.isalnum() else "_" for c in hint.lower())[:24]
-            name = f"lookalike_test_{os.getpid()}_{next(self._names)}_{slug}"
+            # PostgreSQL keeps 63 bytes of a name: 15 + pid + token + counter + 20 fit. The random
+            # token keeps two runs apart whose pids agree (two containers on one shared server).
+            slug = "".join(c if c.isalnum() else "_" for c in hint.lower())[:20]
+            name = f"lookalike_test_{os.getpid()}_{_RUN_TOKEN}_{next(self._names)}_{slug}"
         with self._lock, self.admin.connect() as conn:
             if template is None:
                 conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
@@ -61,7 +66,8 @@ class Server:
         return name
 
     def _copy(self, conn, template: str, name: str) -> None:
-        for attempt in range(50):
+        deadline = time.monotonic() + COPY_WAIT
+        while True:
             # A template must have no other sessions; a Library still open on it is cut off
             # (its engine's pre-ping reconnects it later).
             conn.execute(
@@ -75,7 +81,8 @@ class Server:
                 conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
                 return
             except DBAPIError as exc:  # "source database ... is being accessed by other users"
-                if "being accessed by other users" not in str(exc) or attempt == 49:
+                # A terminated backend goes away in its own time (slowly on a loaded machine).
+                if "being accessed by other users" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 

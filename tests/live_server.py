@@ -23,6 +23,7 @@ import databases
 from conftest import REPO, cli_command
 
 HOST = "127.0.0.1"
+PORT_ATTEMPTS = 5  # starts on a new port when the one picked was taken meanwhile
 
 
 def free_port() -> int:
@@ -51,6 +52,25 @@ def _stop(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+def _wait_until_up(proc: subprocess.Popen, base: str, log: Path, timeout: float, retry_port: bool) -> bool:
+    """True once /health answers; False when the server exited because its port was taken (and
+    `retry_port`); an AssertionError when it exited otherwise or did not come up in `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            if retry_port and "address already in use" in _tail(log).lower():
+                return False
+            raise AssertionError(f"`lookalike serve` exited with {proc.returncode} on start:\n{_tail(log)}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"`lookalike serve` did not come up in {timeout:.0f} s:\n{_tail(log)}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def running_server(
     home: Path,
@@ -73,7 +93,6 @@ def running_server(
     `log` receives the server's output (kept for the caller to read afterwards); without it a
     temporary file does, removed on exit.
     """
-    port = free_port()
     own_log = log is None
     if own_log:
         fd, name = tempfile.mkstemp(prefix="lookalike-serve-", suffix=".log")
@@ -81,29 +100,25 @@ def running_server(
         log = Path(name)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
-    command = cli_command("serve", *(("--host", host) if host else ()), "--port", str(port), *extra_args)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            env=databases.process_env(home, model_cache, **(env or {})),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    base = f"http://{HOST}:{port}"
+    proc = None
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"`lookalike serve` exited with {proc.returncode} on start:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"`lookalike serve` did not come up in {startup_timeout:.0f} s:\n{_tail(log)}")
-            time.sleep(0.2)
+        # free_port() only says the port was free a moment ago: another process (a concurrent test
+        # run, an outgoing connection) may take it before the server binds it. Then the server
+        # exits saying so, and it is started again on another port.
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = free_port()
+            command = cli_command("serve", *(("--host", host) if host else ()), "--port", str(port), *extra_args)
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    command,
+                    env=databases.process_env(home, model_cache, **(env or {})),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
+            base = f"http://{HOST}:{port}"
+            if _wait_until_up(proc, base, log, startup_timeout, retry_port=attempt < PORT_ATTEMPTS):
+                break
         try:
             yield base
         except BaseException as exc:
@@ -113,6 +128,7 @@ def running_server(
         if proc.poll() is not None:
             raise AssertionError(f"`lookalike serve` exited with {proc.returncode} while in use:\n{_tail(log)}")
     finally:
-        _stop(proc, stop_timeout)
+        if proc is not None:
+            _stop(proc, stop_timeout)
         if own_log:
             log.unlink(missing_ok=True)

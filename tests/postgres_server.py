@@ -18,6 +18,8 @@ from pathlib import Path
 
 PG_BIN = Path(os.environ.get("LOOKALIKE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 TIMEZONE = "Asia/Kathmandu"
+START_TIMEOUT = 180  # seconds pg_ctl waits for the server to accept connections (its default: 60)
+START_ATTEMPTS = 5
 
 
 def _free_port() -> int:
@@ -42,16 +44,24 @@ def throwaway_cluster():
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
-    port = _free_port()
     run = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
     initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"]
     initdb += ["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"]
     subprocess.run(_as_postgres(initdb), **run)
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone={TIMEZONE}"
-    subprocess.run(
-        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start"]),
-        **run,
-    )
+    log = root / "log"
+    for attempt in range(1, START_ATTEMPTS + 1):
+        # The port was free a moment ago; another process (a concurrent test run) may bind it
+        # first, and then the server refuses to start: try again on another one.
+        port = _free_port()
+        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone={TIMEZONE}"
+        start = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-t", str(START_TIMEOUT)]
+        try:
+            subprocess.run(_as_postgres([*start, "-l", str(log), "start"]), **run)
+            break
+        except subprocess.CalledProcessError:
+            in_use = log.exists() and "already in use" in log.read_text(errors="replace")
+            if not in_use or attempt == START_ATTEMPTS:
+                raise
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:

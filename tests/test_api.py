@@ -459,7 +459,7 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def _open_upload(port: int, framing: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.sendall(
         (
             f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -492,7 +492,7 @@ def test_server_refuses_a_chunked_upload_over_the_limit_while_it_streams(server)
     sock = _open_upload(port, "Transfer-Encoding: chunked")
     with sock:
         # Send twice the limit and never finish the body: a server that waited for the whole
-        # upload before checking would never answer (the socket times out after 20 s).
+        # upload before checking would never answer (the socket times out after 60 s).
         try:
             for part in [head] + [b"\xff" * 16_384] * (2 * LIMIT // 16_384):
                 sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
@@ -529,7 +529,7 @@ def test_server_refuses_a_declared_length_over_the_limit_before_reading(server):
     response = httpx.post(f"{server}/search", files={"file": ("big.jpg", bytes(LIMIT + 10), "image/jpeg")}, timeout=60)
     assert int(response.request.headers["content-length"]) > LIMIT
     assert response.status_code == 413
-    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{server}/health", timeout=60).status_code == 200
 
 
 def test_server_concurrent_searches(server, indexed):

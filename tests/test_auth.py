@@ -30,6 +30,7 @@ from service.app import create_app
 
 USER_KEYS = ["user-key-one", "user-key-two"]  # two keys, both valid
 ADMIN_KEY = "admin-key-0123456789"
+HTTP_TIMEOUT = 60  # seconds: httpx waits 5 by default, too short on a loaded machine
 
 
 @dataclass
@@ -278,11 +279,13 @@ def _serve(indexed: Indexed, log: Path, *args: str, host: str | None = None, **e
 def test_server_with_keys_from_the_environment(indexed, tmp_path):
     log_path = tmp_path / "serve.log"
     with _serve(indexed, log_path, LOOKALIKE_API_KEYS=",".join(USER_KEYS), LOOKALIKE_ADMIN_KEYS=ADMIN_KEY) as base:
-        response = httpx.get(f"{base}/stats", timeout=10)
+        response = httpx.get(f"{base}/stats", timeout=HTTP_TIMEOUT)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
-        assert httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {USER_KEYS[1]}"}).status_code == 200
-        assert httpx.get(f"{base}/", timeout=10).status_code == 200
-        assert httpx.delete(f"{base}/images/1", headers={"X-API-Key": USER_KEYS[0]}).status_code == 403
+        headers = {"Authorization": f"Bearer {USER_KEYS[1]}"}
+        assert httpx.get(f"{base}/stats", headers=headers, timeout=HTTP_TIMEOUT).status_code == 200
+        assert httpx.get(f"{base}/", timeout=HTTP_TIMEOUT).status_code == 200
+        refused = httpx.delete(f"{base}/images/1", headers={"X-API-Key": USER_KEYS[0]}, timeout=HTTP_TIMEOUT)
+        assert refused.status_code == 403
     log = log_path.read_text(errors="replace")
     assert "API keys required" in log and "no API keys" not in log
     assert ADMIN_KEY not in log and USER_KEYS[0] not in log
@@ -291,13 +294,13 @@ def test_server_with_keys_from_the_environment(indexed, tmp_path):
 def test_server_says_when_no_keys_are_set_and_warns_beyond_loopback(indexed, tmp_path):
     log_path = tmp_path / "serve-loopback.log"
     with _serve(indexed, log_path) as base:  # the default host, 127.0.0.1
-        assert httpx.get(f"{base}/stats", timeout=10).status_code == 200
+        assert httpx.get(f"{base}/stats", timeout=HTTP_TIMEOUT).status_code == 200
     log = log_path.read_text(errors="replace")
     assert "no API keys are set" in log and "warning" not in log.lower()
 
     log_path = tmp_path / "serve-any.log"
     with _serve(indexed, log_path, host="0.0.0.0") as base:
-        assert httpx.get(f"{base}/stats", timeout=10).status_code == 200  # reachable on loopback too
+        assert httpx.get(f"{base}/stats", timeout=HTTP_TIMEOUT).status_code == 200  # reachable on loopback too
     log = " ".join(log_path.read_text(errors="replace").split())
     assert "no API keys are set" in log
     assert "warning: serving on 0.0.0.0, which is not a loopback address, without API keys" in log

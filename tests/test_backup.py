@@ -211,20 +211,26 @@ def test_backup_while_serving_and_indexing_then_restore(tmp_path, served, model_
         )
         deadline = time.monotonic() + 120
         while databases.committed_embeddings(home) <= 40:
-            assert indexing.poll() is None, indexing.stderr.read()
-            assert time.monotonic() < deadline
+            if indexing.poll() is not None:  # done (or failed: its exit code is checked below) already
+                break
+            assert time.monotonic() < deadline, "the index run committed nothing in 120 s"
             time.sleep(0.02)
         dest = tmp_path / "backup"
         taken = _run(["backup", str(dest), "--wait", "240"], home, model_cache)
         assert indexing.wait(timeout=240) == 0, indexing.stderr.read()
         assert taken.returncode == 0, taken.stderr
         assert "Traceback" not in taken.stderr and "error" not in taken.stderr
-        time.sleep(1.0)  # queries keep being answered after the backup, too
+        # Queries keep being answered after the backup, too: at least one more (and three in all).
+        wanted = max(3, queries.answered + 1)
+        deadline = time.monotonic() + 120
+        while queries.answered < wanted and queries.is_alive() and not queries.problems:
+            assert time.monotonic() < deadline, f"{queries.answered} queries answered, none in 120 s since the backup"
+            time.sleep(0.05)
     finally:
         queries.stop.set()
         queries.join(timeout=120)
     assert queries.problems == [], queries.problems[:5]
-    assert queries.answered >= 3, queries.answered
+    assert queries.answered >= wanted, (queries.answered, wanted)
 
     info = _assert_backup_agrees(dest)
     assert info["counts"]["images"] == info["counts"]["embeddings"] == 80  # the whole index run, not part of it
@@ -309,12 +315,12 @@ def test_backup_waits_for_the_write_lock_then_gives_up_clearly(tmp_path, model_c
     def writer():
         with library.write_lock():
             held.set()
-            release.wait(60)
+            release.wait(600)  # set by the finally below; the timeout only guards against a hang
 
     thread = threading.Thread(target=writer)
     thread.start()
-    held.wait(10)
     try:
+        assert held.wait(60), "the writer thread never took the lock"
         gave_up = _run(["backup", str(tmp_path / "b1"), "--wait", "1"], home, model_cache)
         assert gave_up.returncode == 1, gave_up.stderr
         assert f"waiting up to 1 s for pid {os.getpid()}" in gave_up.stderr
@@ -322,18 +328,23 @@ def test_backup_waits_for_the_write_lock_then_gives_up_clearly(tmp_path, model_c
         assert "hint: give --wait more seconds" in gave_up.stderr and "Traceback" not in gave_up.stderr
         assert not (tmp_path / "b1" / "backup.json").exists()
 
-        waiting = subprocess.Popen(
-            cli_command("backup", str(tmp_path / "b2"), "--wait", "120"),
-            env=_env(home, model_cache),
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(4)
+        err_path = tmp_path / "b2.err"
+        with open(err_path, "wb") as err:
+            waiting = subprocess.Popen(
+                cli_command("backup", str(tmp_path / "b2"), "--wait", "120"), env=_env(home, model_cache), stderr=err
+            )
+        # It has reached the lock and says it waits (however long its start took), and keeps waiting.
+        deadline = time.monotonic() + 120
+        while "waiting up to 120 s" not in err_path.read_text(errors="replace"):
+            assert waiting.poll() is None, err_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the backup never said it was waiting for the lock"
+            time.sleep(0.05)
         assert waiting.poll() is None  # still waiting for the lock
     finally:
         release.set()
         thread.join()
-    _, stderr = waiting.communicate(timeout=120)
+    waiting.wait(timeout=120)
+    stderr = err_path.read_text(errors="replace")
     assert waiting.returncode == 0, stderr
     assert f"waiting up to 120 s for pid {os.getpid()}" in stderr and "backed up 6 images" in stderr
     _assert_backup_agrees(tmp_path / "b2")

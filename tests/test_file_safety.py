@@ -175,7 +175,7 @@ def test_a_symlink_leading_out_of_the_indexed_folder_is_not_served(client, index
     _refused(client.get(f"/images/{image_id}/thumbnail"))
 
 
-def _get_with_deadline(client: TestClient, url: str, seconds: float = 20):
+def _get_with_deadline(client: TestClient, url: str, seconds: float = 60):
     """A GET that fails the test instead of hanging it (a FIFO opened for reading blocks)."""
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(response=client.get(url)), daemon=True)
@@ -300,7 +300,7 @@ def test_traversal_in_the_raw_path_never_reaches_a_file(client, indexed):
 
 def _raw_get(port: int, raw_path: bytes) -> tuple[int, bytes]:
     """Send the request line byte for byte (no client normalises anything) and read the reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(b"GET " + raw_path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while piece := sock.recv(65536):

@@ -257,8 +257,14 @@ def test_real_index_cli_search_json_carries_tags(real):
     tag_filter = TagFilter(("footwear:other",), (), ("clothes:pants",), 0.3)
     library = real.library()
     expected = search_image(library, query.read_bytes(), 7, tag_filter)
+    query_vector = embed_image_bytes(library, query.read_bytes())[0].vector.astype(np.float64)
     library.close()
-    assert [r["id"] for r in payload["results"]] == [r.id for r in expected.results]
+    # The command embedded the query itself: the same ranking, but for images whose scores tie.
+    got = payload["results"]
+    score_of = dict(zip(real.ids.tolist(), (real.vectors.astype(np.float64) @ query_vector).tolist()))
+    allowed = set(real.ids[reference_allowed(real.masks, real.ids, tag_filter)].tolist())
+    assert_same_ranking([r["id"] for r in got], [r["score"] for r in got], [r.id for r in expected.results],
+                        [r.score for r in expected.results], score_of, allowed)  # fmt: skip
     assert len(payload["results"]) == 7 and payload["strategy"] == expected.strategy
     for item in payload["results"]:
         assert item["tags"], item
@@ -273,11 +279,15 @@ def test_real_index_cli_search_json_carries_tags(real):
             "--home", str(real.home)]  # fmt: skip
     result = runner.invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
     assert result.exit_code == 0, result.output
-    ids = [r["id"] for r in json.loads(result.stdout)["results"]]
+    got = json.loads(result.stdout)["results"]
+    ids = [r["id"] for r in got]
     allowed = reference_allowed(real.masks, real.ids, TagFilter((), ("clothes:dress", "clothes:skirt")))
     allowed &= real.ids != image_id
-    want, _ = reference_ranking(real.ids, real.vectors, real.vectors[real.ids == image_id][0], allowed, 50)
-    assert ids == want.tolist() and len(ids) == allowed.sum() < 50
+    query_vector = real.vectors[real.ids == image_id][0].astype(np.float64)
+    want, want_scores = reference_ranking(real.ids, real.vectors, query_vector, allowed, 50)
+    score_of = dict(zip(real.ids.tolist(), (real.vectors.astype(np.float64) @ query_vector).tolist()))
+    assert_same_ranking(ids, [r["score"] for r in got], want, want_scores, score_of, set(real.ids[allowed].tolist()))
+    assert len(ids) == allowed.sum() < 50
 
 
 # -- a synthetic index of 20,000 vectors -------------------------------------------------------------

@@ -5,7 +5,9 @@ format) mutated the way damaged or hostile files are: bytes flipped, cut short, 
 another file's bytes, headers grafted onto junk. Whatever the bytes, `embed_image_bytes` must do
 one of exactly two things: raise `ImageRejected` with a non-empty reason, or return a finite,
 unit-length vector of the backbone's dimension. Anything else (another exception, NaN, a
-hang past the deadline) is a bug a hostile upload could hit.
+hang) is a bug a hostile upload could hit. (No per-example deadline: on a loaded CI machine a
+wall-clock limit fails for the machine's sake, not the code's; the cost of bombs and extreme
+shapes is measured in CPU time by test_hostile_input.py.)
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def library(tmp_path_factory, model_cache):
 
     home = tmp_path_factory.mktemp("fuzz-home")
     lib = Library(Settings(home=home, model_cache=model_cache))
+    lib.backbone()  # loaded (or exported) here, not inside the first example
     yield lib
     lib.close()
 
@@ -106,7 +109,7 @@ def test_every_seed_embeds(library):
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # expected: the bytes are damaged on purpose
 @settings(
     max_examples=300,
-    deadline=2000,
+    deadline=None,  # see the module docstring
     derandomize=True,  # the same cases on every CI run; a failure reproduces
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,

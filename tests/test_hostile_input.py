@@ -651,13 +651,13 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 report = {}
 for path in files:
     data = open(path, "rb").read()
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: what the decoding costs, however busy the machine is
     try:
         pixels, info = decode_for_model(data, pre, max_pixels=89_478_485)
         outcome = f"ok {info.width}x{info.height} {pixels.shape}"
     except ImageRejected as exc:
         outcome = f"rejected: {exc}"
-    report[path] = [outcome, time.perf_counter() - started]
+    report[path] = [outcome, time.process_time() - started]
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"files": report, "grew_mb": (after - before) / 1024}))
 """
@@ -682,7 +682,7 @@ def test_bombs_and_extreme_shapes_cost_milliseconds_and_no_memory(corpus):
             assert outcome.startswith(f"rejected: {BOMB}"), (rel, outcome)
         else:
             assert outcome == f"ok {expected.size[0]}x{expected.size[1]} (224, 224, 3)", (rel, outcome)
-        assert seconds < 1.0, (rel, seconds)  # resizing a 100000x2 strip whole took 79 s and 13 GB
+        assert seconds < 2.0, (rel, seconds)  # CPU s; resizing a 100000x2 strip whole took 79 s and 13 GB
     assert report["grew_mb"] < 100, report  # 3.6 G pixels of JPEG alone would be 10 GB
 
 
@@ -733,10 +733,12 @@ def test_the_server_answers_every_hostile_upload(indexed):
         assert client.get("/health").status_code == 200
         for rel, expected in corpus.expect.items():
             data = open(os.path.join(os.fsencode(corpus.folder), os.fsencode(rel)), "rb").read()
-            started = time.perf_counter()
+            # CPU time of this process (the app runs in it): what the request costs, not how long a
+            # loaded machine made it wait. A bomb decoded would take far longer (and gigabytes).
+            started = time.process_time()
             name = os.path.basename(stored_path(corpus, rel))  # the upload's own name: only UTF-8 travels
             response = client.post("/search?k=60", files={"file": (name, data)})
-            took = time.perf_counter() - started
+            took = time.process_time() - started
             status = expected_status(expected.reason)
             assert response.status_code == status, (rel, response.status_code, response.text)
             assert took < 5, (rel, took)
@@ -770,14 +772,27 @@ def test_a_folder_deleted_during_the_run(tmp_path, model_cache):
     env = clean_env(model_cache, LOOKALIKE_FAULTS_TRACE=str(trace))  # the parent logs "decode" per file
     args = ["index", str(root), "--home", str(home), "--batch-size", "4", "--workers", "1", "-q"]
     with open(tmp_path / "err", "wb") as err:
-        proc = subprocess.Popen(cli_command(*args), stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = subprocess.Popen(
+            cli_command(*args), stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + 120
+        running = False
         while proc.poll() is None and time.monotonic() < deadline:
             if trace.exists() and trace.read_text().split("\n").count("decode") >= 8:
-                shutil.rmtree(root / "doomed")
+                # The run and its decoders are paused while the folder goes: however late this
+                # (loaded) process gets here, they read no further files meanwhile.
+                try:
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    break
+                try:
+                    running = proc.poll() is None
+                    shutil.rmtree(root / "doomed")
+                finally:
+                    os.killpg(proc.pid, signal.SIGCONT)
                 break
             time.sleep(0.005)
-        assert proc.poll() is None, "the run ended before the folder could be deleted"
+        assert running, "the run ended before the folder could be deleted"
         assert proc.wait(timeout=120) == 0, (tmp_path / "err").read_text()
     stderr = (tmp_path / "err").read_text()
     assert not (root / "doomed").exists()

@@ -53,6 +53,7 @@ SCREENSHOTS_COPY = REPO / "test-output" / "web"
 API_KEY = "web-test-key"
 OTHER_KEY = "another-web-key"
 ADMIN_KEY = "web-admin-key"
+TIMEOUT_MS = 60_000  # Playwright's waits: the page, the server and Chromium share a loaded machine
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Watched:
 @pytest.fixture
 def watched(browser, server) -> Iterator[Watched]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     watch = Watched(page, server)
     yield watch
@@ -184,7 +185,7 @@ def wait_for_grid(page: Page, expected: list[int]) -> None:
                 JSON.stringify([...document.querySelectorAll("#results > li.card")].map(li => Number(li.dataset.id)))
                 === JSON.stringify(ids)""",
             arg=expected,
-            timeout=20_000,
+            timeout=TIMEOUT_MS,
         )
     except Exception:
         pass  # the assertion below says what the grid shows instead
@@ -525,6 +526,7 @@ def test_keyboard_reaches_facets_and_results(watched, server, http, home):
 
 def test_phone_viewport(browser, server, http, home, shots):
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     watch = Watched(page, server)
     try:
@@ -566,7 +568,7 @@ def test_api_key_prompt_session_storage_and_blob_images(browser, keyed_server, h
     one, searches with the right one (sent as a Bearer token, images as blob: URLs), keeps it in
     sessionStorage only (no localStorage, no cookie) and a new browser context starts without it."""
     base = keyed_server
-    assert httpx.get(f"{base}/tags", timeout=10).status_code == 401  # the server really wants a key
+    assert httpx.get(f"{base}/tags", timeout=60).status_code == 401  # the server really wants a key
     bearer = f"Bearer {API_KEY}"
 
     def new_page(context) -> tuple[Page, Watched, list[tuple[str, str | None, int]]]:
@@ -588,7 +590,7 @@ def test_api_key_prompt_session_storage_and_blob_images(browser, keyed_server, h
         )
 
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(TIMEOUT_MS)
     page, watch, seen = new_page(context)
     key_field = page.get_by_label("API key", exact=True)
     use_key = page.get_by_role("button", name="Use this key")
@@ -652,7 +654,7 @@ def test_api_key_prompt_session_storage_and_blob_images(browser, keyed_server, h
 
     # A new browser context is a new session: no key, the prompt again, and nothing answered.
     fresh = browser.new_context(viewport={"width": 1280, "height": 900})
-    fresh.set_default_timeout(20_000)
+    fresh.set_default_timeout(TIMEOUT_MS)
     page, watch, seen = new_page(fresh)
     try:
         page.goto(base + "/")

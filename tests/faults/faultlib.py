@@ -113,7 +113,9 @@ def run_cli(
     lingering: list[int] = []
     try:
         out, err = proc.communicate(timeout=timeout)
-        deadline = time.monotonic() + 10
+        # Decoders exit as soon as they see their parent gone, but one still starting (importing
+        # its modules) sees it only then: give a loaded machine time, not forever.
+        deadline = time.monotonic() + 60
         while (lingering := _group_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.05)
     except subprocess.TimeoutExpired:
