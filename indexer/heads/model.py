@@ -1,4 +1,14 @@
-"""A trained linear head, applied with NumPy (no torch needed to tag images)."""
+"""A trained linear head, applied with NumPy (no torch needed to tag images).
+
+Scores are bit-for-bit the same for an image whatever batch it comes in. BLAS picks its kernel and
+summation order by the matrix shape (one row goes through gemv, more through gemm; threads and
+blocking follow the size), so the same product computed at index time (batches of 32), by
+`lookalike tag` (chunks of 2,000) or for one image differed in the 7th digit, and a score sitting on
+a threshold could change its label. Every product is therefore computed in blocks of exactly
+`BLOCK` rows (the last one zero-padded), in float64, and rounded to float32; the activation runs in
+float64 on the same padded block. The stored score and the decision (`score >= threshold`) are that
+one float32 value.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BINARY, MULTICLASS, MULTILABEL = "binary", "multiclass", "multilabel"
+BLOCK = 32  # rows per matrix product: one shape for every call, so one summation order
 HEAD_TYPES = (BINARY, MULTICLASS, MULTILABEL)
 
 
@@ -33,8 +44,20 @@ class Head:
         return int(self.weight.shape[1])
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """(n, outputs): sigmoid for binary/multilabel, softmax for multiclass."""
-        logits = np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
+        """(n, outputs) float32: sigmoid for binary/multilabel, softmax for multiclass; batch-independent."""
+        x = np.asarray(x, dtype=np.float32)
+        weight_t = np.ascontiguousarray(self.weight.astype(np.float64).T)
+        bias = self.bias.astype(np.float64)
+        out = np.empty((len(x), len(bias)), dtype=np.float32)
+        block = np.zeros((BLOCK, weight_t.shape[0]), dtype=np.float64)
+        for start in range(0, len(x), BLOCK):
+            rows = x[start : start + BLOCK]
+            block[: len(rows)] = rows
+            block[len(rows) :] = 0.0
+            out[start : start + len(rows)] = self._activate(block @ weight_t + bias)[: len(rows)]
+        return out
+
+    def _activate(self, logits: np.ndarray) -> np.ndarray:
         if self.kind == MULTICLASS:
             logits = logits - logits.max(axis=1, keepdims=True)
             exp = np.exp(logits)
