@@ -401,7 +401,9 @@ def heads_train(
     negatives: Annotated[Path | None, typer.Option("--negatives", help="Binary: folder of negatives")] = None,
     positive: Annotated[str | None, typer.Option("--positive", help="Binary: the positive class")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation split")] = 0.2,
-    folds: Annotated[int, typer.Option(help="k-fold cross-validation (0 = one split)")] = 0,
+    folds: Annotated[
+        int, typer.Option(help="k-fold cross-validation; 0: 5 folds below 2,000 examples, else one split; 1: one split")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     min_precision: Annotated[float | None, typer.Option(help="Thresholds reach this precision")] = None,
     min_confidence: Annotated[float, typer.Option(help="Multi-class: tag the top label only from here")] = 0.0,
@@ -454,10 +456,15 @@ def heads_train(
 
 
 def _print_metrics(metrics: dict) -> None:
+    intervals = metrics.get("ci95") or {}
     for key, value in metrics.items():
-        if key in ("confusion_matrix", "ap"):
+        if key in ("confusion_matrix", "ap", "ci95"):
             continue
-        out.print(f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}", markup=False)
+        text = f"{value:.4f}" if isinstance(value, float) else f"{value}"
+        if intervals.get(key):
+            low, high = intervals[key]
+            text += f"  (95% CI {low:.4f}-{high:.4f})"
+        out.print(f"{key:<20} {text}", markup=False)
     if "ap" in metrics:
         for label, ap in sorted(metrics["ap"].items(), key=lambda kv: -kv[1]):
             out.print(f"  AP {label:<16} {ap:.4f}", markup=False)

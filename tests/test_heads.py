@@ -354,12 +354,12 @@ def test_binary_from_one_folder_and_negatives(home, corpus, tmp_path):
 
 def test_min_precision_threshold_reaches_the_target_on_validation(home, corpus, tmp_path):
     # Outerwear against everything else: 8 positives among 80, hard enough that the max-F1
-    # threshold lets false positives through on some splits.
+    # threshold lets false positives through on some splits. --folds 1: one validation split.
     rows = class_rows(corpus, label=lambda c: "outwear" if c == "outwear" else "other")
     labels_csv = write_csv(tmp_path / "outwear.csv", rows)
     target = 0.9
     result = ok("heads", "train", "outer", "--type", "binary", "--labels", labels_csv, "--positive", "outwear",
-                "--min-precision", str(target), "--json", "--home", home)  # fmt: skip
+                "--min-precision", str(target), "--folds", "1", "--json", "--home", home)  # fmt: skip
     report = json.loads(result.stdout)
     metrics = report["metrics"]
     assert metrics["precision"] >= target and metrics["recall"] > 0
@@ -390,7 +390,7 @@ def test_unreachable_min_precision_warns(home, corpus, tmp_path):
     rows = class_rows(corpus, label=lambda c: "longsleeve" if c == "longsleeve" else "other")
     labels_csv = write_csv(tmp_path / "longsleeve.csv", rows)
     result = ok("heads", "train", "sleeves", "--type", "binary", "--labels", labels_csv, "--positive", "longsleeve",
-                "--min-precision", "0.9", "--json", "--home", home)  # fmt: skip
+                "--min-precision", "0.9", "--folds", "1", "--json", "--home", home)  # fmt: skip
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["precision"] < 0.9, "this split now reaches the target: pick a harder case"
     assert (

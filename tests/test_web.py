@@ -427,9 +427,18 @@ def test_heads_view_shows_the_trained_head(watched, server, http, shots):
     card.wait_for()
     report = http.get("/heads/garment").json()
     metrics = report["metrics"]["metrics"]
+    # Each figure with its 95% interval where the report has one (the cross-validated small set does).
+    intervals = metrics["ci95"]
+    assert {"accuracy", "precision", "recall", "f1"} <= set(intervals)
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
         row = card.locator(f'tr[data-metric="{key}"] td')
-        assert row.inner_text() == f"{metrics[key]:.3f}", key
+        want = f"{metrics[key]:.3f}"
+        if key in intervals:
+            want += f" (95% CI {intervals[key][0]:.3f}–{intervals[key][1]:.3f})"
+        assert row.inner_text() == want, key
+    assert card.locator('tr[data-metric="positives"] td').inner_text() == str(metrics["positives"])
+    warnings = report["metrics"]["warnings"]
+    assert card.locator(".head-warnings li").all_inner_texts() == warnings
     labels = card.locator(".head-labels").inner_text()
     assert "tops" in labels and "positive" in labels and f"{report['thresholds'][0]:.3f}" in labels
     matrix = card.locator("table.confusion tbody").inner_text().split()

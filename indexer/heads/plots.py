@@ -31,6 +31,8 @@ def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: li
 
 
 def _loss_curves(path: Path, name: str, history: dict) -> Path:
+    if history.get("c_grid"):
+        return _regularisation_path(path, name, history)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], label="training")
@@ -41,6 +43,23 @@ def _loss_curves(path: Path, name: str, history: dict) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(f"{name}: loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _regularisation_path(path: Path, name: str, history: dict) -> Path:
+    """Small binary sets: the cross-validated loss for each L2 strength, the chosen one marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogx(history["c_grid"], history["train_loss"], marker="o", label="training folds")
+    ax.semilogx(history["c_grid"], history["val_loss"], marker="o", label="out-of-fold")
+    ax.axvline(history["best_c"], color="grey", linestyle="--", label=f"chosen C = {history['best_c']:g}")
+    ax.set_xlabel("C (inverse L2 strength, standardised inputs)")
+    ax.set_ylabel("class-balanced log loss")
+    ax.set_title(f"{name}: loss by regularisation")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -109,11 +109,19 @@ def train(
         "examples": len(labels.paths),
         "initial_loss": result.initial_loss,
         "expected_initial_loss": result.expected_initial_loss,
-        "best_epoch": result.history.get("best_epoch"),
-        "epochs_run": len(result.history["train_loss"]),
         "train_seconds": round(result.seconds, 3),
         "metrics": {k: v for k, v in result.metrics.items() if k != "curves"},
+        "warnings": list(result.warnings),
     }
+    if result.history.get("c_grid"):  # small binary set: L2 strength chosen by out-of-fold loss, no epochs
+        report["regularisation"] = {
+            "c": result.history["best_c"],
+            "grid": result.history["c_grid"],
+            "chosen_by": "class-balanced out-of-fold log loss",
+        }
+    else:
+        report["best_epoch"] = result.history.get("best_epoch")
+        report["epochs_run"] = len(result.history["train_loss"])
     plots = save_plots(report_dir, name, result.history, result.metrics, labels.names)
     report["plots"] = [p.name for p in plots]
     _write_json(report_dir / "report.json", report)

@@ -990,10 +990,20 @@
       ]),
     ]);
     const sections = [overview, labelsSection(head)];
+    if (Array.isArray(report.warnings) && report.warnings.length) {
+      // Few examples, unreachable precision targets: what the figures below rest on.
+      sections.push(
+        el("section", { className: "head-section head-warnings" }, [
+          el("h3", { text: "Warnings" }),
+          el("ul", {}, report.warnings.map((text) => el("li", { text }))),
+        ]),
+      );
+    }
     if (report.metrics && Object.keys(report.metrics).length) sections.push(...metricsSections(head, report.metrics));
     const training = [
       ["Initial loss", report.initial_loss !== undefined ? fmtNumber(report.initial_loss) : null],
       ["Expected initial loss", report.expected_initial_loss !== undefined ? fmtNumber(report.expected_initial_loss) : null],
+      ["Regularisation C", report.regularisation ? `${fmtNumber(report.regularisation.c)} (${report.regularisation.chosen_by})` : null],
       ["Best epoch", typeof report.best_epoch === "number" ? String(report.best_epoch + 1) : null],
       ["Epochs run", report.epochs_run !== undefined ? String(report.epochs_run) : null],
       ["Training time", typeof report.train_seconds === "number" ? `${report.train_seconds.toFixed(2)} s` : null],
@@ -1067,15 +1077,16 @@
 
   function fmtMetric(key, value) {
     if (typeof value !== "number") return fmtNumber(value);
-    return ["n", "folds", "examples"].includes(key) ? fmtNumber(value) : value.toFixed(3);
+    return ["n", "folds", "examples", "positives", "smallest_class"].includes(key) ? fmtNumber(value) : value.toFixed(3);
   }
 
   // The evaluation as sections: scalar metrics, then the confusion matrix or per-label tables.
   function metricsSections(head, metrics) {
     const scalars = [];
     const extra = [];
+    const intervals = metrics.ci95 || {};
     for (const [key, value] of Object.entries(metrics)) {
-      if (key === "curves") continue;
+      if (key === "curves" || key === "ci95") continue;
       if (key === "confusion_matrix" && Array.isArray(value)) {
         extra.push(el("section", { className: "head-section" }, [el("h3", { text: "Confusion matrix" }), confusionTable(head, value)]));
       } else if (value && typeof value === "object" && !Array.isArray(value)) {
@@ -1092,7 +1103,10 @@
           ]),
         );
       } else {
-        scalars.push([key, Array.isArray(value) ? value.map((v) => fmtMetric(key, v)).join(", ") : fmtMetric(key, value)]);
+        let text = Array.isArray(value) ? value.map((v) => fmtMetric(key, v)).join(", ") : fmtMetric(key, value);
+        const ci = intervals[key];
+        if (Array.isArray(ci) && ci.length === 2) text += ` (95% CI ${ci[0].toFixed(3)}–${ci[1].toFixed(3)})`;
+        scalars.push([key, text]);
       }
     }
     const table = el("table", { className: "table metrics" }, [
