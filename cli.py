@@ -108,7 +108,10 @@ def index(
     decoders = DecoderPool(settings.decode_workers or os.cpu_count() or 1).start()
     options = prefetch_options(settings)
     if options is not None:
-        decoders.prefetch(options, _first_files(folders))
+        # Two batches: the start-up below takes one core for most of a second, which the
+        # decoders would otherwise spend idle once the usual read-ahead is decoded.
+        limit = max(decoders.read_ahead_files, 2 * settings.batch_size)
+        decoders.prefetch(options, _first_files(folders), limit=limit)
     from indexer.pipeline import index_folders
 
     try:

@@ -17,6 +17,7 @@ Targets:
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 
 import numpy as np
@@ -211,7 +212,7 @@ def plot_small(entries: list[dict]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     pos = np.arange(len(entries))
-    labels = [e["task"].replace(" ", "\n", 1) for e in entries]
+    labels = ["\n".join(textwrap.wrap(e["task"], 12)) for e in entries]
     for ax, key, title in (
         (axes[0], "f1", "F1 of the positive label"),
         (axes[1], "balanced_accuracy", "balanced accuracy"),

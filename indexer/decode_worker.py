@@ -212,17 +212,19 @@ class DecoderPool:
             executor.submit(_ready)
         return self
 
-    def prefetch(self, options: DecodeOptions, files: Iterable[Task]) -> None:
+    def prefetch(self, options: DecodeOptions, files: Iterable[Task], limit: int | None = None) -> None:
         """Decode the first files of a run while the caller still opens the database and loads the model.
 
         The results are used only for files the run then plans to decode, with the same options
-        (claim_prefetched). As much as the run itself reads ahead (`read_ahead_files`), so memory
-        stays as bounded, and at most that many decodes are wasted on files that are unchanged."""
+        (claim_prefetched). At most `limit` files (default: as much as the run itself reads ahead,
+        `read_ahead_files`), so memory stays bounded, and at most that many decodes are wasted on
+        files that are unchanged."""
         self._prefetch_options = options
+        limit = limit or self.read_ahead_files
         tasks = []
         for task in files:
             tasks.append(task)
-            if len(tasks) >= self.read_ahead_files:
+            if len(tasks) >= limit:
                 break
         executor = self._executor()
         for i in range(0, len(tasks), CHUNK_FILES):

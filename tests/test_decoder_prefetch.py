@@ -143,3 +143,26 @@ def test_prefetch_reads_at_most_a_bounded_number_of_files(tmp_path, model_cache)
     assert sum(len(mapping) for _, mapping in claimed) == pool.read_ahead_files
     assert [t.path for t in remaining] == [t.path for t in tasks[pool.read_ahead_files :]]
     pool.close()
+
+
+def test_prefetch_limit_covers_two_batches(tmp_path, model_cache):
+    """`lookalike index` prefetches max(read-ahead, 2 batches): here 40 files, no more."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    img = Image.open(sorted(SAMPLES.rglob("*.jpg"))[0])
+    img.thumbnail((48, 48))
+    for i in range(50):
+        img.putpixel((0, 0), (i, 0, 0))
+        img.save(folder / f"{i:04d}.png")
+    home = tmp_path / "home"
+    Library(Settings(home=home, model_cache=model_cache)).close()
+    pool = DecoderPool(1).start()
+    options = prefetch_options(Settings(home=home, model_cache=model_cache))
+    assert pool.read_ahead_files == 16
+    pool.prefetch(options, first_files(folder), limit=40)
+    tasks = first_files(folder)
+    pool.options = options
+    remaining, claimed = pool.claim_prefetched(tasks)
+    assert sum(len(mapping) for _, mapping in claimed) == 40
+    assert [t.path for t in remaining] == [t.path for t in tasks[40:]]
+    pool.close()
