@@ -30,6 +30,13 @@ def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: li
     return saved
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _loss_curves(path: Path, name: str, history: dict) -> Path:
     if history.get("c_grid"):
         return _regularisation_path(path, name, history)
@@ -44,10 +51,7 @@ def _loss_curves(path: Path, name: str, history: dict) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(f"{name}: loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _regularisation_path(path: Path, name: str, history: dict) -> Path:
@@ -61,10 +65,7 @@ def _regularisation_path(path: Path, name: str, history: dict) -> Path:
     ax.set_ylabel("class-balanced log loss")
     ax.set_title(f"{name}: loss by regularisation")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _confusion(path: Path, name: str, matrix: np.ndarray, labels: list[str]) -> Path:
@@ -80,10 +81,7 @@ def _confusion(path: Path, name: str, matrix: np.ndarray, labels: list[str]) -> 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{name}: confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _pr_curves(path: Path, name: str, curves: dict) -> Path:
@@ -97,7 +95,4 @@ def _pr_curves(path: Path, name: str, curves: dict) -> Path:
     ax.set_ylim(0, 1.01)
     ax.set_title(f"{name}: precision-recall")
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
