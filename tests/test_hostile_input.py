@@ -418,29 +418,48 @@ class Run:
     peak_rss_mb: float  # the largest resident set of the command and its decoder processes
 
 
+# Linux carries a process's peak RSS across exec: a command started straight from this test
+# process (gigabytes, once a model has been loaded here) would report that as its own peak. It is
+# started from a small launcher instead, which reports the peak of the command and its children.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):  # end as the command did, so the caller sees the same return code
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(args: list[str], env: dict[str, str], tmp: Path, timeout: float = 240) -> Run:
-    """Run a CLI command; wait4() reports the peak RSS over it and its (waited-for) children."""
-    out, err = tmp / "run.out", tmp / "run.err"
+    """Run a CLI command; the peak RSS is over it and its (waited-for) children, as wait4() gives it."""
+    out, err, peak = tmp / "run.out", tmp / "run.err", tmp / "run.maxrss"
+    command = cli_command(*args)
     started = time.perf_counter()
     with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen(cli_command(*args), stdout=fo, stderr=fe, env=env)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            raise AssertionError(f"{args} ran past {timeout} s")
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(peak), *command],
+            stdout=fo,
+            stderr=fe,
+            env=env,
+            start_new_session=True,  # a timeout kills the launcher and the command alike
+        )
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"{args} ran past {timeout} s") from None
     return Run(
         proc.returncode,
         out.read_text(errors="replace"),
         err.read_text(errors="replace"),
         time.perf_counter() - started,
-        usage.ru_maxrss / 1024,
+        int(peak.read_text()) / 1024,
     )
 
 
