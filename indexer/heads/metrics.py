@@ -92,7 +92,13 @@ def _resample_counts(n: int, rounds: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
 
 
-def _percentile(values: np.ndarray) -> list[float]:
+def _resampled_confusion(counts: np.ndarray, y_true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """True/false positives, false/true negatives per resample (rows of `counts`); a label matrix sums its labels."""
+    cells = (pred & y_true, pred & (1 - y_true), (1 - pred) & y_true, (1 - pred) & (1 - y_true))
+    return tuple(counts @ (cell.sum(axis=1) if cell.ndim == 2 else cell) for cell in cells)
+
+
+def _percentile(values: np.ndarray) -> list[float] | None:
     values = values[np.isfinite(values)]
     if not len(values):
         return None
@@ -195,11 +201,7 @@ def _binary_bootstrap(y_true: np.ndarray, pred: np.ndarray) -> dict:
     """Percentile intervals of F1 and balanced accuracy over bootstrap resamples of the images."""
     if not len(y_true):
         return {}
-    counts = _resample_counts(len(y_true), BOOTSTRAP)
-    tp = counts @ (pred & y_true)
-    fp = counts @ (pred & (1 - y_true))
-    fn = counts @ ((1 - pred) & y_true)
-    tn = counts @ ((1 - pred) & (1 - y_true))
+    tp, fp, fn, tn = _resampled_confusion(_resample_counts(len(y_true), BOOTSTRAP), y_true, pred)
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = 2 * tp / (2 * tp + fp + fn)
         balanced = (tp / (tp + fn) + tn / (tn + fp)) / 2
@@ -242,9 +244,7 @@ def _multilabel_bootstrap(y_true: np.ndarray, probs: np.ndarray, pred: np.ndarra
         seen = np.cumsum(w, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             aps.append(((w * y) * (hits / seen)).sum(axis=1) / (w * y).sum(axis=1))
-    tp = counts @ (pred & y_true).sum(axis=1)
-    fp = counts @ (pred & (1 - y_true)).sum(axis=1)
-    fn = counts @ ((1 - pred) & y_true).sum(axis=1)
+    tp, fp, fn, _ = _resampled_confusion(counts, y_true, pred)
     with np.errstate(divide="ignore", invalid="ignore"):
         micro = 2 * tp / (2 * tp + fp + fn)
     out = {"micro_f1": _percentile(micro)}

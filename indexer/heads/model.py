@@ -12,6 +12,7 @@ one float32 value.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 
@@ -46,8 +47,7 @@ class Head:
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """(n, outputs) float32: sigmoid for binary/multilabel, softmax for multiclass; batch-independent."""
         x = np.asarray(x, dtype=np.float32)
-        weight_t = np.ascontiguousarray(self.weight.astype(np.float64).T)
-        bias = self.bias.astype(np.float64)
+        weight_t, bias = self._float64_weights
         out = np.empty((len(x), len(bias)), dtype=np.float32)
         block = np.zeros((BLOCK, weight_t.shape[0]), dtype=np.float64)
         for start in range(0, len(x), BLOCK):
@@ -56,6 +56,11 @@ class Head:
             block[len(rows) :] = 0.0
             out[start : start + len(rows)] = self._activate(block @ weight_t + bias)[: len(rows)]
         return out
+
+    @functools.cached_property
+    def _float64_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(dim, outputs) and (outputs,) in float64, made once: every batch tagged at index time uses them."""
+        return np.ascontiguousarray(self.weight.astype(np.float64).T), self.bias.astype(np.float64)
 
     def _activate(self, logits: np.ndarray) -> np.ndarray:
         if self.kind == MULTICLASS:

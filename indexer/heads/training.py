@@ -87,7 +87,8 @@ def train_head(
     x = np.asarray(x, dtype=np.float32)
     n_out = 1 if kind == BINARY else len(labels)
     folds = resolve_folds(kind, y, options)
-    if kind == BINARY and folds > 1 and len(y) < SMALL_SET:
+    small_binary = kind == BINARY and folds > 1 and len(y) < SMALL_SET
+    if small_binary:
         weight, bias, probs_val, history, initial = _binary_cross_validated(x, y, options, folds)
         y_val = y
     elif folds > 1:
@@ -98,7 +99,7 @@ def train_head(
         weight, bias, history, initial = _fit(kind, n_out, x[train_idx], y[train_idx], x[val_idx], y[val_idx], options)
         y_val = y[val_idx]
         probs_val = _probabilities(kind, x[val_idx], weight, bias)
-    if kind == BINARY and folds > 1 and len(y) < SMALL_SET and options.min_precision is None:
+    if small_binary and options.min_precision is None:
         thresholds = [balanced_threshold(y_val, probs_val[:, 0])]
     else:
         thresholds = _thresholds(kind, y_val, probs_val, options)
@@ -248,7 +249,8 @@ def _binary_cross_validated(x, y, options, n_folds):
     """L2 strength by out-of-fold log loss over C_GRID, then a refit on every example.
 
     Returns weight, bias, the out-of-fold probabilities at the chosen C (for thresholds and
-    metrics), the loss per C (the plot), the loss of the all-zero start and the chosen C."""
+    metrics), the loss per C with the chosen one under "best_c" (the plot), and the loss of the
+    all-zero start."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
 
@@ -283,7 +285,6 @@ def _binary_cross_validated(x, y, options, n_folds):
         "train_loss": train_loss.tolist(),
         "val_loss": val_loss.tolist(),
         "best_c": C_GRID[best],
-        "best_epoch": None,
     }
     return weight, bias, out_of_fold[best][:, None].astype(np.float32), history, initial
 
