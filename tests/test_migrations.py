@@ -1,5 +1,6 @@
-"""The schema comes from Alembic alone: migrations build it from nothing, agree with the models,
-go down and up again, keep data across upgrades, and `lookalike db upgrade` applies them.
+"""The schema: migrations build it from nothing, agree with the models, go down and up again,
+keep data across upgrades, and `lookalike db upgrade` applies them. A new database is created
+from the models at the newest revision, without Alembic: it must be exactly the migrated schema.
 
 The tests marked `storage` take their databases from `new_database`, so the PostgreSQL pass
 (`--database=postgres`) runs them against PostgreSQL."""
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 import cli
 import databases
-from indexer.database import alembic_config, current_revision, make_engine, upgrade
+from indexer.database import SCHEMA_HEAD, alembic_config, current_revision, make_engine, upgrade
 from indexer.library import Library
 from indexer.models import Base
 
@@ -69,6 +70,68 @@ def test_revision_history_is_a_single_line():
     assert script.get_revision(revs[0]).down_revision is None
     for older, newer in zip(revs, revs[1:]):
         assert script.get_revision(newer).down_revision == older
+
+
+def test_schema_head_names_the_newest_migration():
+    assert SCHEMA_HEAD == head()
+
+
+def schema(engine) -> dict:
+    """Everything the inspector reports about every table, in a comparable form. Columns by name:
+    a migration appends the columns it adds, and no statement of lookalike depends on their order."""
+    insp = inspect(engine)
+    out = {}
+    for table in sorted(insp.get_table_names()):
+        out[table] = {
+            "columns": sorted(
+                (c["name"], str(c["type"]), c["nullable"], str(c.get("default")), c.get("autoincrement"))
+                for c in insp.get_columns(table)
+            ),
+            "pk": insp.get_pk_constraint(table),
+            "fks": sorted(
+                (f["name"], f["constrained_columns"], f["referred_table"], f["referred_columns"], f["options"])
+                for f in insp.get_foreign_keys(table)
+            ),
+            "indexes": sorted((i["name"], i["column_names"], i["unique"]) for i in insp.get_indexes(table)),
+            "unique": sorted((u["name"], u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "checks": sorted((c["name"], c["sqltext"]) for c in insp.get_check_constraints(table)),
+        }
+    return out
+
+
+_UPGRADE_AND_SAY_IF_ALEMBIC = """
+import sys
+from indexer.database import current_revision, make_engine, upgrade
+engine = make_engine(sys.argv[1])
+upgrade(engine)
+print(current_revision(engine), "alembic" in sys.modules)
+"""
+
+
+@pytest.mark.storage
+def test_a_new_database_is_the_migrated_schema(new_database):
+    """Created from the models and stamped (no Alembic import), or built by every migration in turn:
+    the same tables, columns, types, defaults, keys, indexes and constraints."""
+    migrated_url, created_url = new_database("migrated"), new_database("created")
+    command.upgrade(alembic_config(migrated_url), "head")
+    for _ in range(2):  # create, then find it at head: neither imports Alembic
+        proc = subprocess.run(
+            [sys.executable, "-c", _UPGRADE_AND_SAY_IF_ALEMBIC, created_url], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [head(), "False"]
+    migrated, created = make_engine(migrated_url), make_engine(created_url)
+    assert schema(created) == schema(migrated)
+    assert current_revision(created) == current_revision(migrated) == head()
+    with created.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, Base.metadata) == []
+    # The comparison is not vacuous: a missing index is seen.
+    with created.begin() as conn:
+        conn.execute(text("DROP INDEX ix_images_status"))
+    assert schema(created) != schema(migrated)
+    migrated.dispose()
+    created.dispose()
 
 
 @pytest.mark.storage
@@ -205,17 +268,17 @@ def test_cli_db_upgrade(tmp_path, monkeypatch, new_database):
 
 _KILLED_MIGRATION = """
 import os, sys
-from alembic.ddl import impl
+from sqlalchemy import Engine, event
 
-real_exec, calls = impl.DefaultImpl._exec, [0]
+calls = [0]
 
-def exec_then_die(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(sys.argv[2]):
-        os._exit(9)  # as abrupt as SIGKILL: no cleanup, no rollback by Python
-    return real_exec(self, *args, **kwargs)
+@event.listens_for(Engine, "before_cursor_execute")
+def die_before_the_nth_write(conn, cursor, statement, parameters, context, executemany):
+    if statement.lstrip().split(None, 1)[0].upper() in ("CREATE", "ALTER", "INSERT", "DROP", "UPDATE"):
+        calls[0] += 1
+        if calls[0] == int(sys.argv[2]):
+            os._exit(9)  # as abrupt as SIGKILL: no cleanup, no rollback by Python
 
-impl.DefaultImpl._exec = exec_then_die
 from indexer.database import make_engine, upgrade
 upgrade(make_engine(sys.argv[1]))
 """
@@ -230,6 +293,19 @@ def test_a_migration_killed_half_way_leaves_nothing_half_done(new_database):
         assert proc.returncode == 9, proc.stderr
         engine = make_engine(url)
         assert tables(engine) == set() and current_revision(engine) is None  # all or nothing
+        upgrade(engine)
+        assert current_revision(engine) == head() and tables(engine) == model_tables() | {"alembic_version"}
+        engine.dispose()
+
+    # The same for Alembic's upgrade of an older database (from the first revision to the newest).
+    for statement in (1, 3):
+        url = new_database(f"killed-upgrade-{statement}")
+        engine = make_engine(url)
+        upgrade(engine, revisions()[0])
+        before = schema(engine)
+        proc = subprocess.run([sys.executable, "-c", _KILLED_MIGRATION, url, str(statement)], capture_output=True)
+        assert proc.returncode == 9, proc.stderr
+        assert current_revision(engine) == revisions()[0] and schema(engine) == before
         upgrade(engine)
         assert current_revision(engine) == head() and tables(engine) == model_tables() | {"alembic_version"}
         engine.dispose()
