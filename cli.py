@@ -102,10 +102,10 @@ def index(
     """Index image folders: add new files, re-embed changed ones, drop vanished ones."""
     settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers)
     # Decoders first: forked now, before the database and the model runtime exist in this
-    # process, they decode the first files while this one opens the home and loads the model.
-    from indexer.decode_worker import DecoderPool, prefetch_options
+    # process, they decode and embed the first files while this one opens the home.
+    from indexer.decode_worker import DecoderPool, decoder_count, prefetch_options
 
-    decoders = DecoderPool(settings.decode_workers or os.cpu_count() or 1).start()
+    decoders = DecoderPool(decoder_count(settings)).start()
     options = prefetch_options(settings)
     if options is not None:
         # Two batches: the start-up below takes one core for most of a second, which the

@@ -113,11 +113,12 @@ def load_line(load: dict) -> str:
 
 
 def ensure_model_cache():
-    """Export the ONNX model once into bench/out/cache/models; return the loaded ONNX backbone."""
+    """Export the ONNX model once into bench/out/cache/models; return it loaded in lookalike's default runtime."""
     from indexer.backbones import load_backbone
+    from indexer.settings import Settings
 
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-    return load_backbone(BACKBONE, runtime="onnx", cache_dir=MODEL_CACHE)
+    return load_backbone(BACKBONE, runtime=Settings.model_fields["runtime"].default, cache_dir=MODEL_CACHE)
 
 
 def lookalike_env(**extra: str) -> dict:

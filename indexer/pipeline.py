@@ -1,8 +1,8 @@
 """`lookalike index`: scan folders, decode in parallel, embed in batches, write, keep FAISS in step.
 
-Decoder processes read each file once, hash it and decode it near model size (JPEG draft);
-the main process batches their uint8 crops through the backbone and commits each batch of
-rows and vectors in one transaction. The database is written before the in-memory index, and
+Decoder processes read each file once, hash it, decode it near model size (JPEG draft) and
+embed it with the exported model (see `indexer.decode_worker`); the main process commits each
+batch of rows, vectors and tags in one transaction. The database is written before the in-memory index, and
 the index file is saved atomically, so a kill at any moment leaves a state that the next
 run's consistency check repairs: every image ends up indexed exactly once.
 """
@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from indexer import store
+from indexer.backbones import OnnxBackbone
 from indexer.decode import ImageInfo
 from indexer.decode_worker import (
     CHUNK_FILES,
@@ -29,6 +31,8 @@ from indexer.decode_worker import (
     DecoderPool,
     Task,
     adopt,
+    decoder_count,
+    embed_threads,
     file_key,
     os_reason,
     write_known_hashes,
@@ -158,7 +162,7 @@ def index_files(
 
 
 def decoder_pool(settings) -> DecoderPool:
-    return DecoderPool(settings.decode_workers or os.cpu_count() or 1)
+    return DecoderPool(decoder_count(settings))
 
 
 def _plan_files(library: Library, files: list[str]) -> _Plan:
@@ -179,7 +183,9 @@ def _plan_files(library: Library, files: list[str]) -> _Plan:
 def _index(library: Library, roots: list[str], make_plan, progress, decoders: DecoderPool | None) -> IndexReport:
     started = time.perf_counter()
     pool = decoders or decoder_pool(library.settings)
-    with pool, library.write_lock():
+    # The decoders own the cores. BLAS threads here (tagging) would spin against them: on two
+    # busy cores the ImageNet head took 1.5 ms an image with two OpenBLAS threads.
+    with pool, library.write_lock(), threadpool_limits(limits=1, user_api="blas"):
         backbone = library.backbone()
         with library.sessions.begin() as session:
             backbone_id = store.ensure_backbone(session, backbone.name, backbone.dim).id
@@ -223,8 +229,16 @@ def _decode_options(library: Library, backbone, backbone_id: int) -> tuple[Decod
     if known:
         known_file = scratch / f"known-hashes-{os.getpid()}.bin"
         write_known_hashes(known_file, known)
+    # Decoders embed with the ONNX model file; the torch runtime embeds their pixels here.
+    onnx = isinstance(backbone, OnnxBackbone)
     options = DecodeOptions(
-        backbone.preprocess, settings.max_image_pixels, settings.max_file_bytes, str(known_file) if known_file else None
+        backbone.preprocess,
+        settings.max_image_pixels,
+        settings.max_file_bytes,
+        str(known_file) if known_file else None,
+        model_file=str(backbone.model_path) if onnx else None,
+        model_runtime=backbone.runtime if onnx else settings.runtime,
+        model_threads=embed_threads(settings),
     )
     return options, known
 
@@ -276,7 +290,7 @@ def _prefetched_results(claimed, known: frozenset[str], chunks: deque) -> list[D
 
 
 class _BatchWriter:
-    """Collects decoded files, embeds full batches, and commits rows and vectors together."""
+    """Collects decoded (and mostly embedded) files, and commits full batches of rows and vectors together."""
 
     def __init__(self, library: Library, index, backbone, backbone_id: int, report: IndexReport):
         self.library = library
@@ -308,11 +322,11 @@ class _BatchWriter:
             if decoded.info is not None and decoded.info.signature is not None:
                 self.signatures[task.replaces] = decoded.info.signature
             self.report.unchanged += 1
-        elif decoded.pixels is None and decoded.content_hash == task.old_hash:
+        elif not decoded.has_content and decoded.content_hash == task.old_hash:
             self.touched[task.replaces] = (task.size, task.mtime_ns)  # touched, same bytes
             self.report.unchanged += 1
-        elif decoded.pixels is None or decoded.content_hash in self.hash_to_id or self._in_batch(decoded):
-            decoded.pixels = None
+        elif not decoded.has_content or decoded.content_hash in self.hash_to_id or self._in_batch(decoded):
+            decoded.drop_content()
             self.reuse.append(decoded)
         else:
             self.to_embed.append(decoded)
@@ -330,17 +344,25 @@ class _BatchWriter:
         batch_vectors: dict[str, tuple[np.ndarray, float]] = {}
         if self.to_embed:
             checkpoint("embed")
-            vectors, norms = self.backbone.embed_with_norms(np.stack([d.pixels for d in self.to_embed]))
+            self._embed_pixels()
             self.report.embedded += len(self.to_embed)
-            for decoded, vector, norm in zip(self.to_embed, vectors, norms):
-                items.append((decoded.task, _row(decoded, vector, float(norm))))
-                batch_vectors[decoded.content_hash] = (vector, float(norm))
+            for decoded in self.to_embed:
+                items.append((decoded.task, _row(decoded, decoded.vector, decoded.norm)))
+                batch_vectors[decoded.content_hash] = (decoded.vector, decoded.norm)
         reused, retries = self._resolve_reused(batch_vectors)
         items += reused
         if items or self.touched or self.signatures:
             self._commit(items)
         self.to_embed, self.ready, self.reuse, self.touched, self.signatures = [], [], [], {}, {}
         return retries
+
+    def _embed_pixels(self) -> None:
+        """Embed what the decoders sent as pixels (the torch runtime; a decoder whose model failed)."""
+        todo = [d for d in self.to_embed if d.vector is None]
+        if todo:
+            vectors, norms = self.backbone.embed_with_norms(np.stack([d.pixels for d in todo]))
+            for decoded, vector, norm in zip(todo, vectors, norms):
+                decoded.vector, decoded.norm, decoded.pixels = vector, float(norm), None
 
     def _commit(self, items: list[tuple[Task, NewImage]]) -> None:
         rows = [row for _, row in items]

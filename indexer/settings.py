@@ -18,7 +18,10 @@ class Settings(BaseSettings):
     backbone: str | None = Field(
         default=None, description="Embedding backbone; default: the index's own, or efficientnet-lite0 for a new one"
     )
-    runtime: str = Field(default="onnx", description="Inference runtime: onnx or torch")
+    runtime: str = Field(
+        default="openvino",
+        description="Inference runtime: openvino or onnx (ONNX Runtime), both on the exported ONNX file; or torch",
+    )
     model_cache: Path | None = Field(default=None, description="Exported ONNX models; default: HOME/models")
     clip_weights: Path | None = Field(default=None, description="Local open_clip weights file for clip:* backbones")
     batch_size: int = Field(default=32, ge=1, le=1024)

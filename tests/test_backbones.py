@@ -1,8 +1,9 @@
-"""The backbone interface: both runtimes, the ONNX export cache, errors, and CLIP from local weights.
+"""The backbone interface: the three runtimes, the ONNX export cache, errors, and CLIP from local weights.
 
 Everything runs the real models: the packaged EfficientNet-Lite0 weights through PyTorch and
-through the exported ONNX graph, and a tiny randomly initialised open_clip ViT (registered from
-a config file written here, its weights saved to a local file) through lookalike end to end.
+through the exported ONNX graph (OpenVINO and ONNX Runtime), and a tiny randomly initialised
+open_clip ViT (registered from a config file written here, its weights saved to a local file)
+through lookalike end to end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,41 @@ def test_onnx_and_torch_runtimes_agree(model_cache):
     assert onnx.classifier.labels == eager.classifier.labels
 
 
+def test_openvino_runs_the_exported_file_like_onnx_runtime(tmp_path, model_cache):
+    """The default runtime: OpenVINO on the same ONNX file gives ONNX Runtime's vectors, in float32
+    on any CPU (no bfloat16), from any thread; its compiled model is cached beside the file."""
+    cache = tmp_path / "models"
+    for name in os.listdir(model_cache):  # the session's export, without exporting again
+        if not os.path.isdir(model_cache / name):
+            os.makedirs(cache, exist_ok=True)
+            os.link(model_cache / name, cache / name)
+    assert Settings().runtime == "openvino"
+    ov = load_backbone(DEFAULT_BACKBONE, runtime="openvino", cache_dir=cache)
+    ort = load_backbone(DEFAULT_BACKBONE, runtime="onnx", cache_dir=cache)
+    assert type(ov).__name__ == "OnnxBackbone" and ov.runtime == "openvino" and ov.model_path == ort.model_path
+    assert (ov.dim, ov.preprocess, ov.classifier.labels) == (ort.dim, ort.preprocess, ort.classifier.labels)
+    pixels = model_input(photos(6), ov)
+    a, norms_a = ov.embed_with_norms(pixels)
+    b, norms_b = ort.embed_with_norms(pixels)
+    assert a.dtype == norms_a.dtype == np.float32 and a.shape == (6, 1280)
+    assert_unit_rows(a)
+    # bfloat16 would differ by ~1e-2 (cosine 0.996); float32 kernels of two runtimes by ~1e-7.
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(norms_a, norms_b, rtol=1e-5)
+    np.testing.assert_allclose(ov.embed(pixels[4:5])[0], a[4], atol=1e-5)
+    # Results are copies: a later call does not overwrite an earlier result.
+    first = ov.embed(pixels[:2])
+    kept = first.copy()
+    ov.embed(pixels[2:4])
+    np.testing.assert_array_equal(first, kept)
+    # One request per thread: concurrent calls (a server answering queries side by side) stay right.
+    with ThreadPoolExecutor(4) as pool:
+        rows = list(pool.map(lambda i: ov.embed(pixels[i : i + 1])[0], [i % 6 for i in range(24)]))
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(row, a[i % 6], atol=1e-5)
+    assert any((cache / "openvino-cache").iterdir()), "the compiled model is cached"
+
+
 def test_onnx_export_is_cached(tmp_path):
     cache = tmp_path / "models"
     first = load_backbone(DEFAULT_BACKBONE, runtime="onnx", cache_dir=cache)
@@ -122,7 +159,7 @@ def test_onnx_export_is_cached(tmp_path):
 
 
 def test_unknown_backbone_is_a_clear_error(tmp_path, model_cache):
-    for runtime in ("onnx", "torch"):
+    for runtime in ("openvino", "onnx", "torch"):
         with pytest.raises(UnknownBackbone) as info:
             load_backbone("resnet-9000", runtime=runtime, cache_dir=tmp_path)
         assert "resnet-9000" in str(info.value) and "efficientnet-lite0" in str(info.value)  # lists the choices
@@ -186,12 +223,13 @@ def _open_clip_reference(model, pixels: np.ndarray) -> np.ndarray:
     return features.numpy()
 
 
-def test_clip_from_local_weights_in_both_runtimes(tiny_clip, tmp_path):
+def test_clip_from_local_weights_in_every_runtime(tiny_clip, tmp_path):
     cache = tmp_path / "models"
     onnx = load_backbone(tiny_clip.name, runtime="onnx", cache_dir=cache, clip_weights=tiny_clip.weights)
     eager = load_backbone(tiny_clip.name, runtime="torch", cache_dir=cache, clip_weights=tiny_clip.weights)
+    ov = load_backbone(tiny_clip.name, runtime="openvino", cache_dir=cache, clip_weights=tiny_clip.weights)
     assert len(list(cache.glob("*.onnx"))) == 1
-    for backbone in (onnx, eager):
+    for backbone in (onnx, eager, ov):
         assert backbone.name == tiny_clip.name and backbone.dim == 24 and backbone.classifier is None
         pre = backbone.preprocess
         assert pre.input_size == 64 and pre.crop_pct == 1.0
@@ -203,6 +241,7 @@ def test_clip_from_local_weights_in_both_runtimes(tiny_clip, tmp_path):
     reference = _open_clip_reference(tiny_clip.model, pixels)
     a, b = onnx.embed(pixels), eager.embed(pixels)
     assert a.shape == b.shape == (5, 24)
+    np.testing.assert_allclose(ov.embed(pixels), a, atol=1e-5)
     assert_unit_rows(a)
     assert_unit_rows(b)
     np.testing.assert_allclose(b, reference, atol=1e-5)
@@ -211,7 +250,7 @@ def test_clip_from_local_weights_in_both_runtimes(tiny_clip, tmp_path):
     assert np.abs(a - _open_clip_reference(open_clip.create_model(TINY).eval(), pixels)).max() > 1e-2
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+@pytest.mark.parametrize("runtime", ["openvino", "onnx", "torch"])
 def test_clip_index_and_search_end_to_end(tiny_clip, photo_dir, tmp_path, runtime):
     settings = Settings(
         home=tmp_path / "home",
