@@ -224,7 +224,7 @@ def export(
     out_file: Annotated[Path, typer.Argument(metavar="OUT", help="OUT.parquet or OUT.npz")],
     home: HomeOption = None,
 ) -> None:
-    """Write id, absolute path and embedding of every indexed image."""
+    """Write id, absolute path, embedding and tags of every image (Parquet names its backbone)."""
     from indexer.export import export_embeddings
 
     try:
@@ -232,6 +232,32 @@ def export(
     except LookalikeError as exc:
         _fail(str(exc))
     err.print(f"wrote {count} embeddings to {out_file}")
+
+
+@app.command("import")
+def import_(
+    sources: Annotated[list[Path], typer.Argument(metavar="FILE_OR_FOLDER", help="Parquet files, or folders of them")],
+    home: HomeOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+) -> None:
+    """Add precomputed embeddings (Parquet, as `lookalike export` writes them): all rows or none."""
+    from indexer.importer import import_embeddings
+
+    settings = _settings(home)
+    try:
+        library = _open(settings, batch=True)
+        with _progress_bar(quiet, "importing") as on_progress:
+            report = import_embeddings(library, sources, progress=on_progress)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+    err.print(
+        f"imported {report.added + report.updated} embeddings from {report.files} file(s): added {report.added}, "
+        f"updated {report.updated}"
+        + (f", kept {report.kept_local} indexed here from their files" if report.kept_local else "")
+        + f" in {report.seconds:.1f} s"
+    )
 
 
 @app.command()
@@ -250,7 +276,8 @@ def stats(
     lines = [
         f"home        {info['home']}",
         f"database    {info['database']}",
-        f"images      {images['indexed']} indexed, {images['failed']} failed, {images['total']} total",
+        f"images      {images['indexed']} indexed, {images['imported']} imported, {images['failed']} failed, "
+        f"{images['total']} total",
         f"backbone    {info['backbone'] or '-'} (dimension {info['dimension'] or '-'})",
         f"index       {idx['type'] or '-'}, {idx['metric'] or '-'}, {idx['vectors']} vectors, "
         f"generation {idx['generation']}, {idx['bytes'] / 1e6:.1f} MB on disk",

@@ -196,6 +196,7 @@ def _describe(db_path: Path) -> dict:
                 "counts": {
                     "images": sum(counts.values()),
                     "indexed": counts.get(store.STATUS_INDEXED, 0),
+                    "imported": counts.get(store.STATUS_IMPORTED, 0),
                     "failed": counts.get(store.STATUS_FAILED, 0),
                     "embeddings": count(EmbeddingRow),
                     "heads": count(HeadRow),

@@ -103,6 +103,10 @@ class Library:
             self._index = self._load_verified_index(save_repairs=repair_on_disk)
         return self._index
 
+    def forget_index(self) -> None:
+        """Drop the in-memory index: the next use loads and verifies the saved one."""
+        self._index = None
+
     def _load_verified_index(self, *, save_repairs: bool) -> VectorIndex:
         with self.sessions() as session:
             row = store.backbone_in_use(session)

@@ -1,4 +1,5 @@
-"""SQLAlchemy models. The schema itself is created and changed only by Alembic (migrations/)."""
+"""SQLAlchemy models. The schema is changed only by Alembic (migrations/); a new database is
+created from these models at the newest revision (indexer/database.py)."""
 
 from __future__ import annotations
 

@@ -97,7 +97,10 @@ def _plan(library: Library, roots: list[str]) -> _Plan:
                     plan.scan_failures.append((item, previous.id if previous else None))
                 else:
                     plan.add(item, previous)
-            plan.removed_ids.extend(k.id for path, k in known.items() if path not in seen)
+            # Imported rows were never files here: one missing from the folder has not vanished.
+            plan.removed_ids.extend(
+                k.id for path, k in known.items() if path not in seen and k.status != store.STATUS_IMPORTED
+            )
     return plan
 
 

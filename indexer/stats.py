@@ -23,6 +23,7 @@ def collect_stats(library: Library) -> dict:
         "database": library.engine.url.render_as_string(hide_password=True),
         "images": {
             "indexed": counts.get(store.STATUS_INDEXED, 0),
+            "imported": counts.get(store.STATUS_IMPORTED, 0),
             "failed": counts.get(store.STATUS_FAILED, 0),
             "total": sum(counts.values()),
         },

@@ -13,6 +13,8 @@ from indexer.errors import BackboneMismatch
 from indexer.models import BackboneRow, EmbeddingRow, ImageRow, Root, utcnow
 
 STATUS_INDEXED = "indexed"
+# A vector from `lookalike import` (precomputed elsewhere): searchable, but its file is not ours to serve.
+STATUS_IMPORTED = "imported"
 STATUS_FAILED = "failed"
 
 
@@ -42,6 +44,7 @@ class NewImage:
     error: str | None = None
     vector: np.ndarray | None = None
     norm: float | None = None  # the features' length before normalisation
+    imported: bool = False  # from `lookalike import`, not from a file decoded here
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -172,7 +175,7 @@ def indexed_hashes(session: Session, backbone_id: int) -> set[str]:
     rows = session.scalars(
         select(ImageRow.content_hash)
         .join(EmbeddingRow, EmbeddingRow.image_id == ImageRow.id)
-        .where(EmbeddingRow.backbone_id == backbone_id)
+        .where(EmbeddingRow.backbone_id == backbone_id, ImageRow.content_hash.is_not(None))  # imported: no hash
     )
     return set(rows)
 
@@ -202,7 +205,7 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
             height=item.height,
             format=item.format,
             signature=item.signature,
-            status=STATUS_FAILED if item.error else STATUS_INDEXED,
+            status=STATUS_FAILED if item.error else STATUS_IMPORTED if item.imported else STATUS_INDEXED,
             error=_storable_text(item.error),
             indexed_at=now,
         )

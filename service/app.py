@@ -23,7 +23,7 @@ log = logging.getLogger("lookalike")
 
 
 def warm_up(backbone) -> None:
-    """One throwaway inference so the first real query does not pay ONNX Runtime's lazy set-up."""
+    """One throwaway inference: it opens the model session, which the first real query would otherwise wait for."""
     size = backbone.preprocess.input_size
     backbone.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
 

@@ -55,6 +55,10 @@ def _opened_path(fd: int, resolved: str) -> str | None:
 def open_indexed_file(library: Library, row: ImageRow) -> BinaryIO:
     """The open file of an indexed image (the caller closes it), else NotIndexed (404)."""
     refused = NotIndexed(f"image {row.id} has no indexed file to serve")
+    if row.status == store.STATUS_IMPORTED:
+        raise NotIndexed(
+            f"image {row.id} was imported as a precomputed embedding: its file is not on this machine ({row.path})"
+        )
     if row.status != store.STATUS_INDEXED:
         raise refused
     roots = indexed_roots(library)

@@ -156,7 +156,7 @@ def rows_by_path(library) -> dict:
 
 
 def assert_index_matches_db(library) -> None:
-    """The stored embeddings are exactly the indexed rows, and the FAISS index holds exactly those."""
+    """The stored embeddings are exactly the indexed (and imported) rows, and the FAISS index holds exactly those."""
     import numpy as np
     from sqlalchemy import select
 
@@ -166,6 +166,6 @@ def assert_index_matches_db(library) -> None:
     with library.sessions() as session:
         backbone = store.backbone_in_use(session)
         ids = np.sort(store.embedded_ids(session, backbone.id))
-        indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status == "indexed")))
+        indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status.in_(["indexed", "imported"]))))
     assert ids.tolist() == indexed
     assert np.array_equal(np.sort(library.index().ids()), ids)

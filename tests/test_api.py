@@ -557,7 +557,8 @@ def test_server_concurrent_searches(server, indexed):
 def test_concurrent_requests_share_one_model(client, indexed):
     library = client.app.state.library
     backbone = library.backbone()
-    session = backbone._session  # the ONNX Runtime session built once in the lifespan
+    session = backbone.session._session  # the runtime's session, opened once in the lifespan
+    assert session is not None
     onnx_files = {p: p.stat().st_mtime_ns for p in indexed.settings.model_cache.glob("*.onnx")}
     queries = jpegs(indexed)[:4]
     ids = [indexed.id_of(q) for q in queries]
@@ -587,7 +588,7 @@ def test_concurrent_requests_share_one_model(client, indexed):
         )
     # One Library, one backbone, one inference session; nothing was exported again.
     assert client.app.state.library is library
-    assert library.backbone() is backbone and backbone._session is session
+    assert library.backbone() is backbone and backbone.session._session is session
     assert {p: p.stat().st_mtime_ns for p in indexed.settings.model_cache.glob("*.onnx")} == onnx_files
 
 

@@ -154,10 +154,10 @@ def test_bad_files_are_recorded_listed_and_skipped(tmp_path, sample_paths, model
 
     stats = runner.invoke(cli.app, ["stats", "--json", "--home", str(home)])
     info = __import__("json").loads(stats.stdout)
-    assert info["images"] == {"indexed": len(good), "failed": len(bad), "total": len(good) + len(bad)}
+    assert info["images"] == {"indexed": len(good), "imported": 0, "failed": len(bad), "total": len(good) + len(bad)}
     assert {f["path"]: f["reason"] for f in info["failures"]} == {str(p): rows[str(p)].error for p in bad}
     text = runner.invoke(cli.app, ["stats", "--home", str(home)]).stdout
-    assert f"{len(good)} indexed, {len(bad)} failed" in text
+    assert f"{len(good)} indexed, 0 imported, {len(bad)} failed" in text
     for path in bad:
         assert f"failed      {path}: {rows[str(path)].error}" in text
     library.close()

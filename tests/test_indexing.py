@@ -469,7 +469,7 @@ def test_stats(all_photos):
     result = invoke("stats", "--json", "--home", str(all_photos.home))
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["images"] == {"indexed": 80, "failed": 0, "total": 80}
+    assert info["images"] == {"indexed": 80, "imported": 0, "failed": 0, "total": 80}
     assert (info["backbone"], info["dimension"]) == ("efficientnet-lite0", 1280)
     assert info["index"]["type"] == "IDMap2,Flat" and info["index"]["metric"] == "inner_product"
     assert info["index"]["vectors"] == 80 and info["index"]["generation"] >= 1
@@ -480,7 +480,10 @@ def test_stats(all_photos):
 
     text = invoke("stats", "--home", str(all_photos.home))
     assert text.exit_code == 0
-    assert "80 indexed, 0 failed, 80 total" in text.stdout and "efficientnet-lite0 (dimension 1280)" in text.stdout
+    assert (
+        "80 indexed, 0 imported, 0 failed, 80 total" in text.stdout
+        and "efficientnet-lite0 (dimension 1280)" in text.stdout
+    )
 
 
 def test_reindex_rebuilds_from_stored_embeddings(tmp_path, photo_dir, model_cache):

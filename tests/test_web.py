@@ -469,7 +469,7 @@ def test_status_view_shows_counts_and_failures(watched, server, http, home, shot
     page.goto(server + "/?view=status")
     page.locator(".count-card").first.wait_for()
     stats = http.get("/stats").json()
-    assert stats["images"] == {"indexed": 20, "failed": 1, "total": 21}
+    assert stats["images"] == {"indexed": 20, "imported": 0, "failed": 1, "total": 21}
     for key in ("indexed", "failed", "total"):
         value = page.locator(f'.count-card[data-status="{key}"] .count-value').inner_text()
         assert int(value) == stats["images"][key], key

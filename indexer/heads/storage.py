@@ -146,7 +146,15 @@ def write_tags(
         session.execute(delete(TagRow).where(TagRow.image_id.in_(chunk), TagRow.head_id.in_(head_ids)))
     rows = []
     for stored in heads:
-        for image_id, tags in zip(id_list, predict(stored, vectors, norms)):
+        chosen = np.arange(len(id_list))
+        if stored.scale_by_norm and norms is not None:
+            # Imported vectors may come without the features' length: such a head cannot tag those.
+            chosen = np.flatnonzero(np.isfinite(norms))
+        if not len(chosen):
+            continue
+        head_norms = None if norms is None else norms[chosen]
+        for position, tags in zip(chosen, predict(stored, vectors[chosen], head_norms)):
+            image_id = id_list[position]
             rows.extend({"image_id": image_id, "head_id": stored.id, "label": lbl, "score": s} for lbl, s in tags)
     if rows:
         session.execute(TagRow.__table__.insert(), rows)

@@ -160,7 +160,7 @@ def db_invariants(home: Path) -> int:
     if not inspect(engine).has_table("images"):
         return 0  # killed before the schema was committed
     dupes = _rows(home, "SELECT path FROM images GROUP BY path HAVING count(*) > 1")
-    failed = _rows(home, "SELECT path, error FROM images WHERE status != 'indexed'")
+    failed = _rows(home, "SELECT path, error FROM images WHERE status NOT IN ('indexed', 'imported')")
     ((without,),) = _rows(
         home, "SELECT count(*) FROM images i WHERE (SELECT count(*) FROM embeddings e WHERE e.image_id = i.id) != 1"
     )
