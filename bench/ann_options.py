@@ -242,14 +242,14 @@ def main() -> None:
     print(f"  exact float16: recall@10 {half['recall_at_10']:.4f}, {half['bytes']} B a vector")
 
     lists = int(round(4 * math.sqrt(n) / 64)) * 64 or 64
-    probes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128) if p <= lists]
+    probes = [p for p in (4, 16, 32, 64, 128, 256, 512) if p <= lists // 2]
     options = [
         ("IVF,Flat", f"IVF{lists},Flat", probes, False),
         ("IVF,SQ8", f"IVF{lists},SQ8", probes, False),
         ("IVF,SQ8 + rerank", f"IVF{lists},SQ8", probes, True),
         ("IVF,PQ128 + rerank", f"IVF{lists},PQ128x8", probes, True),
         ("IVF,PQ64 + rerank", f"IVF{lists},PQ64x8", probes, True),
-        ("HNSW32", "HNSW32", [16, 32, 64, 128], False),
+        ("HNSW32", "HNSW32", [16, 32, 64, 128, 256], False),
     ]
     skip = set(filter(None, args.skip.split(",")))
     measured = []
