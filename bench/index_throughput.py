@@ -202,13 +202,13 @@ def run_lookalike(folder: Path, env_extra: dict[str, str]) -> dict:
     }
 
 
-def _session_rate(job: tuple[str, str, int, int, int]) -> tuple[float, int]:
+def _session_rate(job: tuple[str, str, int, int, int, int]) -> tuple[float, int]:
     """(seconds, images) of `calls` forward calls of one session: run in a fresh process."""
-    runtime, model_path, threads, batch, calls = job
+    runtime, model_path, size, threads, batch, calls = job
     from indexer.backbones import model_session
 
     session = model_session(runtime, model_path, threads, spin=threads > 1)
-    x = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(2):
         session.run(x)
     started = time.perf_counter()
@@ -224,15 +224,14 @@ def raw_model_throughput(batches: int) -> dict:
     `per_core`: one process per core, each with a single-threaded session (as `lookalike index` runs
     it, one per decoder), batch 4 (its chunk). The baseline is the faster of the two."""
     backbone = ensure_model_cache()
-    runtime, model_path = backbone.runtime, str(backbone.model_path)
-    assert backbone.preprocess.input_size == 224
+    runtime, model_path, size = backbone.runtime, str(backbone.model_path), backbone.preprocess.input_size
     del backbone
     cores = os.cpu_count() or 1
     with ProcessPoolExecutor(cores, mp_context=get_context("spawn")) as pool:
-        seconds, images = pool.submit(_session_rate, (runtime, model_path, cores, BATCH, batches)).result()
+        seconds, images = pool.submit(_session_rate, (runtime, model_path, size, cores, BATCH, batches)).result()
         shared = images / seconds
         per_process = BATCH * batches // cores // 4
-        runs = list(pool.map(_session_rate, [(runtime, model_path, 1, 4, per_process)] * cores))
+        runs = list(pool.map(_session_rate, [(runtime, model_path, size, 1, 4, per_process)] * cores))
         per_core = sum(n for _, n in runs) / max(t for t, _ in runs)
     return {
         "runtime": runtime,

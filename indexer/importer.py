@@ -187,7 +187,7 @@ def _checked(file: Path, first: int, record, dim: int, has_norm: bool) -> _Batch
         raise ImportRefused(
             f"{file} row {first + bad} ({paths[bad]}): embedding of dimension {lengths[bad]}, this home's has {dim}"
         )
-    values = column.flatten() if hasattr(column, "flatten") else pc.list_flatten(column)
+    values = column.flatten()
     if values.null_count:
         raise ImportRefused(f"{file}: an embedding between rows {first} and {first + len(paths) - 1} holds a null")
     vectors = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(len(paths), dim)
@@ -217,8 +217,6 @@ def _write(library: Library, files, backbone_name: str, dim: int, total: int, re
     index = library.index()
     if index.dim != dim:  # a home with no embeddings yet has no index of this dimension
         index = VectorIndex(dim, generation=index.generation)
-    added_ids: list[np.ndarray] = []
-    removed: list[int] = []
     done = 0
     if progress:
         progress(0, total)
@@ -240,8 +238,6 @@ def _write(library: Library, files, backbone_name: str, dim: int, total: int, re
                     # The in-memory index follows at once; it is dropped below if the commit fails.
                     index.remove(replaced)
                     index.add(ids, batch.vectors[keep])
-                    added_ids.append(ids)
-                    removed.extend(replaced)
                     report.updated += len(replaced)
                     report.added += len(keep) - len(replaced)
                     done += len(batch.paths)
@@ -253,7 +249,7 @@ def _write(library: Library, files, backbone_name: str, dim: int, total: int, re
         library.forget_index()  # it holds rows that were never committed
         raise
     checkpoint("import-committed")
-    if added_ids or removed:
+    if report.added or report.updated:
         index.save(library.index_dir, backbone_name)
     if index is not library.index():
         library.forget_index()

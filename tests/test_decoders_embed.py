@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO, SAMPLES
+from conftest import REPO, SAMPLES, rows_by_path
 from indexer import store
 from indexer.backbones import load_backbone
 from indexer.decode import decode_for_model
@@ -65,21 +65,12 @@ def test_decoders_embed_and_the_parent_loads_no_runtime(tmp_path, model_cache, p
         backbone_id = store.backbone_in_use(session).id
         stored = {int(i): v for ids, vectors in store.iter_vectors(session, backbone_id) for i, v in zip(ids, vectors)}
     assert len(stored) == len(files)
-    by_path = _ids_by_path(library)
+    by_path = {path: row.id for path, row in rows_by_path(library).items()}
     pixels = np.stack([decode_for_model(f.read_bytes(), backbone.preprocess, max_pixels=89_478_485)[0] for f in files])
     expected = backbone.embed(pixels)
     for f, vector in zip(files, expected):
         np.testing.assert_allclose(stored[by_path[str(f)]], vector, atol=1e-5)
     library.close()
-
-
-def _ids_by_path(library) -> dict[str, int]:
-    from sqlalchemy import select
-
-    from indexer.models import ImageRow
-
-    with library.sessions() as session:
-        return {row.path: row.id for row in session.scalars(select(ImageRow))}
 
 
 def test_a_decoder_whose_model_cannot_run_sends_pixels(tmp_path, model_cache):
