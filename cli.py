@@ -192,6 +192,9 @@ def search(
     any_tag: Annotated[list[str] | None, typer.Option("--any-tag", help="Must have at least one of these")] = None,
     not_tag: Annotated[list[str] | None, typer.Option("--not-tag", help="Must not have this tag")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="A tag counts from this score on")] = 0.0,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Scan every stored vector, even where an approximate index serves")
+    ] = False,
     home: HomeOption = None,
 ) -> None:
     """Find the images most similar to QUERY, optionally only those with (or without) some tags."""
@@ -202,9 +205,9 @@ def search(
     try:
         library = _open(_settings(home))
         if Path(query).is_file():
-            response = search_image(library, Path(query).read_bytes(), k, tag_filter)
+            response = search_image(library, Path(query).read_bytes(), k, tag_filter, exact=exact)
         elif query.isdigit():
-            response = search_similar(library, int(query), k, tag_filter)
+            response = search_similar(library, int(query), k, tag_filter, exact=exact)
         else:
             _fail(f"{query} is neither an image file nor an image id")
     except LookalikeError as exc:

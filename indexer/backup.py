@@ -37,7 +37,7 @@ from indexer.errors import LookalikeError
 from indexer.library import Library
 from indexer.models import BackboneRow, Base, EmbeddingRow, HeadRow, ImageRow, Root, TagRow
 from indexer.settings import Settings
-from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
+from indexer.vector_index import INDEX_FILES, IndexCorrupt, VectorIndex, read_manifest
 
 BACKUP_DB = "lookalike.db"
 BACKUP_INFO = "backup.json"
@@ -311,7 +311,7 @@ def _restore_index(src_dir: Path, index_dir: Path, info: dict) -> None:
     """Write the backup's bundle as the home's next generation, so a running server reloads it."""
     manifest = read_manifest(src_dir)
     if manifest is None:
-        for item in index_dir.glob("vectors-*.faiss"):
+        for item in [p for pattern in INDEX_FILES for p in index_dir.glob(pattern)]:
             item.unlink()
         (index_dir / "index.json").unlink(missing_ok=True)
         return

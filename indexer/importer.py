@@ -250,8 +250,8 @@ def _write(library: Library, files, backbone_name: str, dim: int, total: int, re
         raise
     checkpoint("import-committed")
     if report.added or report.updated:
-        index.save(library.index_dir, backbone_name)
-    if index is not library.index():
+        library.save_index(index, backbone_name)
+    elif index is not library.index():
         library.forget_index()
     library.tags_changed()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import store
+from indexer import index_maintenance, store
 from indexer.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
@@ -107,7 +107,7 @@ class Library:
         """Drop the in-memory index: the next use loads and verifies the saved one."""
         self._index = None
 
-    def _load_verified_index(self, *, save_repairs: bool) -> VectorIndex:
+    def _load_verified_index(self, *, save_repairs: bool, reuse: VectorIndex | None = None) -> VectorIndex:
         with self.sessions() as session:
             row = store.backbone_in_use(session)
             if row is None:
@@ -115,7 +115,7 @@ class Library:
             backbone_id, name, dim = row.id, row.name, row.dim
             stored_ids = store.embedded_ids(session, backbone_id)
         try:
-            index = VectorIndex.load(self.index_dir, name, dim)
+            index = self._load_saved(name, dim, reuse)
         except IndexCorrupt as exc:
             if len(stored_ids):
                 self.notify(f"index damaged or missing ({exc}); rebuilding from {len(stored_ids)} stored embeddings")
@@ -130,6 +130,31 @@ class Library:
             except OSError as exc:  # disk full, read-only: serve the repaired copy from memory anyway
                 self.notify(f"cannot save the repaired index ({exc.strerror or exc}); it is rebuilt again next time")
         return index
+
+    def _load_saved(self, name: str, dim: int, reuse: VectorIndex | None) -> VectorIndex:
+        """The saved bundle; read again if a writer replaced it while it was being read (the files a
+        manifest names are removed once a newer one is saved), rather than rebuilt as if damaged."""
+        for _ in range(3):
+            before = _current_generation(self.index_dir)
+            try:
+                return VectorIndex.load(self.index_dir, name, dim, reuse=reuse)
+            except IndexCorrupt:
+                if _current_generation(self.index_dir) == before:
+                    raise
+        return VectorIndex.load(self.index_dir, name, dim, reuse=reuse)
+
+    def save_index(self, index: VectorIndex, backbone_name: str) -> VectorIndex:
+        """Save `index`, then do the maintenance due (the switch to an approximate index past
+        Settings.ann_threshold, compaction, re-training); returns the index to use from now on.
+
+        A switch saves only its result: writing the whole exact index first would cost as much
+        as the build. Should the build be killed, the database still holds every vector and the
+        next open repairs the older saved index from it."""
+        if not (index.ann is None and index_maintenance.due(index, self.settings) == "build"):
+            index.save(self.index_dir, backbone_name)
+        current = index_maintenance.maintain(index, self.index_dir, backbone_name, self.settings, self.notify)
+        self._index = current
+        return current
 
     def reconcile(self, index: VectorIndex, backbone_id: int, stored_ids: np.ndarray | None = None) -> bool:
         """Make `index` hold exactly the stored embeddings' ids; True when anything changed."""
@@ -176,7 +201,7 @@ class Library:
         manifest = read_manifest(self.index_dir) or {}
         generation = int(manifest.get("generation", 0))
         if self._index is not None and generation != self._index.generation:
-            self._index = self._load_verified_index(save_repairs=False)
+            self._index = self._load_verified_index(save_repairs=False, reuse=self._index)
             changed.append(f"index generation {generation}")
         tags_mark = _mtime_ns(self.index_dir / TAGS_STAMP)
         if tags_mark != self._tags_mark:
@@ -197,9 +222,7 @@ class Library:
                 for ids, vectors in store.iter_vectors(session, backbone_id):
                     index.add(ids, vectors)
             checkpoint("reindex")
-            index.save(self.index_dir, name)
-            self._index = index
-            return index
+            return self.save_index(index, name)
 
     # -- locking -------------------------------------------------------------------------------
 

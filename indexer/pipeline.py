@@ -214,7 +214,7 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
             index.remove(plan.removed_ids)
             report.removed = len(plan.removed_ids)
         if writer.dirty or plan.removed_ids or index.generation == 0:
-            index.save(library.index_dir, backbone.name)
+            library.save_index(index, backbone.name)
         library.tags_changed()
     report.seconds = time.perf_counter() - started
     return report

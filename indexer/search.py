@@ -67,13 +67,18 @@ def embed_image_bytes(library: Library, data: bytes) -> tuple[Query, dict[str, f
     return Query(vector, info.signature), {"decode_ms": (t1 - t0) * 1000, "embed_ms": (t2 - t1) * 1000}
 
 
-def search_image(library: Library, data: bytes, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
+def search_image(
+    library: Library, data: bytes, k: int, tag_filter: TagFilter | None = None, *, exact: bool = False
+) -> SearchResponse:
+    """`exact`: scan every stored vector even where an approximate index serves (slow at 1M, exact)."""
     started = time.perf_counter()
     query, timings = embed_image_bytes(library, data)
-    return _ranked(library, query, k, started, timings, tag_filter)
+    return _ranked(library, query, k, started, timings, tag_filter, exact=exact)
 
 
-def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilter | None = None) -> SearchResponse:
+def search_similar(
+    library: Library, image_id: int, k: int, tag_filter: TagFilter | None = None, *, exact: bool = False
+) -> SearchResponse:
     """Nearest neighbours of an indexed image, the image itself left out."""
     started = time.perf_counter()
     index = library.index(repair_on_disk=False)
@@ -81,10 +86,12 @@ def search_similar(library: Library, image_id: int, k: int, tag_filter: TagFilte
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
     # Its signature is read in _ranked, in the same lookup as the candidates'.
-    return _ranked(library, Query(vector, None), k, started, {}, tag_filter, exclude=image_id)
+    return _ranked(library, Query(vector, None), k, started, {}, tag_filter, exclude=image_id, exact=exact)
 
 
-def _ranked(library, query: Query, k, started, timings, tag_filter, exclude: int | None = None) -> SearchResponse:
+def _ranked(
+    library, query: Query, k, started, timings, tag_filter, exclude: int | None = None, exact: bool = False
+) -> SearchResponse:
     t0 = time.perf_counter()
     index = library.index(repair_on_disk=False)
     # OpenMP's thread count is per calling thread, and a server answers from a pool of them: set it
@@ -95,14 +102,14 @@ def _ranked(library, query: Query, k, started, timings, tag_filter, exclude: int
     want = pool + (exclude is not None)
     vector = query.vector
     if tag_filter is None or tag_filter.is_empty():
-        (hits,) = index.search(vector[None], want)
-        strategy = "unfiltered"
+        (hits,) = index.search(vector[None], want, exact=exact)
+        strategy = "unfiltered" if index.ann is None else ("exact-scan" if exact else "ann")
     else:
         allowed = library.tag_index().allowed(tag_filter, index.ids)
         if exclude is not None:
             allowed = allowed[allowed != exclude]
             want = pool
-        hits, strategy = index.search_filtered(vector, want, allowed)
+        hits, strategy = index.search_filtered(vector, want, allowed, exact=exact)
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     with library.sessions() as session:

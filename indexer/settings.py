@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     search_threads: int = Field(
         default=1, ge=0, description="FAISS threads per query; 1 suits a server answering queries side by side"
     )
+    ann_threshold: int = Field(
+        default=100_000,
+        ge=0,
+        description="From this many vectors on, search an approximate index (IVF-SQ8, re-ranked exactly); 0 = never",
+    )
+    ann_recall_target: float = Field(
+        default=0.98, gt=0, le=1, description="recall@10 the approximate index's nprobe is tuned to reach"
+    )
+    compact_at: int = Field(
+        default=10_000, ge=1, description="Vectors added since the approximate index was built that trigger compaction"
+    )
     max_image_pixels: int = Field(
         default=89_478_485, ge=1, description="Larger images are refused as decompression bombs"
     )

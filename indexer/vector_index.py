@@ -11,25 +11,36 @@ new one, never a mix; the manifest carries a checksum so a damaged file is caugh
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from indexer.ann import AnnSegment, candidates_for, open_segment, rerank
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
+from indexer.vector_store import SCAN_CHUNK
 
 MANIFEST = "index.json"
 INDEX_TYPE = "IDMap2,Flat"
 METRIC = "inner_product"
+INDEX_FILES = ("vectors-*.faiss", "growing-*.faiss", "tombstones-*.npy", "segment-*")  # what a generation may use
 
 
 # At or above this fraction of images passing a filter, post-filtering an over-fetched exact
 # ranking is cheaper than restricting the search to the allowed ids.
 OVERFETCH_MIN_SELECTIVITY = 0.2
+
+# Approximate layout: a filter allowing at most this many of the segment's vectors is scored
+# exactly (gathering 20k float16 rows and one product: a few ms), so its result is the exact
+# filtered ranking; a larger one searches the lists with a selector (bench/filtered_search.py).
+EXACT_SCAN_MAX = 20_000
 
 
 # Results beyond k fetched so that equal scores at the k-th place are settled by id, not by FAISS.
@@ -62,47 +73,183 @@ class Hit:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, index: faiss.Index | None = None, generation: int = 0):
+    """Exact layout: one `IDMap2,Flat` index holds every vector (small collections).
+
+    Approximate layout (past `Settings.ann_threshold` vectors): a read-only IVF-SQ8 segment with
+    its float16 store, plus a small exact growing segment for vectors added since it was built,
+    plus tombstones for its vectors removed since. A save writes only the growing segment and the
+    tombstones; `indexer.index_maintenance` folds both into a new segment in the background.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        index: faiss.Index | None = None,
+        generation: int = 0,
+        ann: AnnSegment | None = None,
+        tombstones: np.ndarray | None = None,
+    ):
         self.dim = dim
         self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.generation = generation
+        self.ann = ann
+        self.tombstones = np.zeros(0, dtype=np.int64) if tombstones is None else np.asarray(tombstones, np.int64)
+        self._dead_rows = self._rows_dead()
 
-    def __len__(self) -> int:
+    @property
+    def layout(self) -> str:
+        return "ann" if self.ann is not None else "exact"
+
+    @property
+    def growing(self) -> int:
+        """Vectors in the exact growing segment (all of them in the exact layout)."""
         return int(self._index.ntotal)
 
-    def ids(self) -> np.ndarray:
+    def __len__(self) -> int:
+        ann = len(self.ann) - int(self._dead_rows.sum()) if self.ann is not None else 0
+        return int(self._index.ntotal) + ann
+
+    def _flat_ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def _rows_dead(self) -> np.ndarray:
+        if self.ann is None:
+            return np.zeros(0, dtype=bool)
+        return np.isin(self.ann.store.ids, self.tombstones, assume_unique=True)
+
+    def _live_in_ann(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` the approximate segment holds and has not tombstoned."""
+        if self.ann is None:
+            return np.zeros(len(ids), dtype=bool)
+        rows, found = self.ann.store.rows_of(ids)
+        found[found] = ~self._dead_rows[rows[found]]
+        return found
+
+    def ids(self) -> np.ndarray:
+        flat = self._flat_ids()
+        if self.ann is None:
+            return flat
+        return np.union1d(np.asarray(self.ann.store.ids)[~self._dead_rows], flat)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+            ids = np.asarray(ids, dtype=np.int64)
+            self._tombstone(ids)  # a re-embedded image: its new vector lives in the growing segment
+            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
 
     def remove(self, ids) -> int:
         ids = np.asarray(list(ids), dtype=np.int64)
         if not len(ids):
             return 0
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        return removed + self._tombstone(ids)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k by cosine for each query row; fewer than k when the index holds fewer."""
+    def _tombstone(self, ids: np.ndarray) -> int:
+        live = ids[self._live_in_ann(ids)]
+        if len(live):
+            self.tombstones = np.union1d(self.tombstones, live)
+            self._dead_rows = self._rows_dead()
+        return int(len(live))
+
+    # -- search --------------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int, *, exact: bool = False) -> list[list[Hit]]:
+        """Top-k by cosine for each query row; fewer than k when the index holds fewer.
+
+        Approximate layout: the segment's candidates re-ranked exactly, merged with the growing
+        segment's exact hits; `exact` scans every stored vector instead.
+        """
         k = min(k, len(self))
         if k <= 0:
             return [[] for _ in range(len(queries))]
-        fetch = min(k + TIE_MARGIN, len(self))
-        scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        flat_hits = self._flat_search(queries, k)
+        if self.ann is None:
+            return flat_hits
+        out = []
+        for query, flat in zip(queries, flat_hits):
+            if exact:
+                ann_hits = self._exact_ann(query, k + TIE_MARGIN, None)
+            else:
+                selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones)) if len(self.tombstones) else None
+                cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), self.ann.nprobe, selector)
+                ann_hits = _rerank_hits(self.ann, query, cand[0])
+            out.append(_merge(flat, ann_hits, k))
+        return out
+
+    def _flat_search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        n = int(self._index.ntotal)
+        if n == 0:
+            return [[] for _ in range(len(queries))]
+        fetch = min(k + TIE_MARGIN, n)
+        scores, ids = self._index.search(queries, fetch)
         return [_hits(row_ids, row_scores)[:k] for row_ids, row_scores in zip(ids, scores)]
 
-    def search_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[list[Hit], str]:
-        """Exact top-k among `allowed` ids (sorted); also names the strategy used.
+    def _exact_ann(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Hit]:
+        """Exact top-k over the segment's live vectors (all, or the sorted `allowed` ids)."""
+        store = self.ann.store
+        if allowed is None:
+            best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            for start in range(0, len(store), SCAN_CHUNK):
+                ids = np.asarray(store.ids[start : start + SCAN_CHUNK])
+                scores = store.vectors[start : start + SCAN_CHUNK].astype(np.float32) @ query
+                scores[self._dead_rows[start : start + SCAN_CHUNK]] = -np.inf
+                best_ids, best_scores = _top(np.concatenate([best_ids, ids]), np.concatenate([best_scores, scores]), k)
+        else:
+            live = allowed[self._live_in_ann(allowed)]
+            best_ids, best_scores = store.scores(query, live)
+            best_ids, best_scores = _top(best_ids, best_scores, k)
+        return [h for h in _hits(best_ids, best_scores) if np.isfinite(h.score)][:k]
 
-        A filter that keeps most images over-fetches the exact unfiltered ranking and drops
-        what fails, fetching more until k pass; one that keeps few searches only those ids
-        (FAISS IDSelector), so no selectivity returns fewer than k when k match.
+    def search_filtered(
+        self, query: np.ndarray, k: int, allowed: np.ndarray, *, exact: bool = False
+    ) -> tuple[list[Hit], str]:
+        """Top-k among `allowed` ids (sorted); also names the strategy used.
+
+        Exact layout, always exact: a filter that keeps most images over-fetches the unfiltered
+        ranking and drops what fails, fetching more until k pass; one that keeps few searches
+        only those ids (FAISS IDSelector), so no selectivity returns fewer than k when k match.
+
+        Approximate layout: an allowed set small enough to scan (EXACT_SCAN_MAX) is scored
+        exactly, so the result is the exact filtered ranking; a larger one searches the lists
+        with the allowed ids as a bitmap selector and a wider probe, re-ranks exactly, and
+        falls back to the exact scan should fewer than k come back while k match.
         """
         n, m = len(self), len(allowed)
         if n == 0 or m == 0 or k <= 0:
             return [], "empty"
-        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        if self.ann is None:
+            return self._flat_filtered(query, k, allowed)
+        flat_ids = self._flat_ids()
+        in_flat = allowed[_members(allowed, np.sort(flat_ids))] if len(flat_ids) else allowed[:0]
+        flat_hits = self._flat_subset(query, k + TIE_MARGIN, in_flat)
+        live = allowed[self._live_in_ann(allowed)]
+        if exact or len(live) <= EXACT_SCAN_MAX:
+            return _merge(flat_hits, self._exact_ann(query, k + TIE_MARGIN, live), k), "subset"
+        selectivity = len(live) / max(1, len(self.ann) - len(self.tombstones))
+        nprobe = filtered_nprobe(self.ann.nprobe, selectivity, self.ann.ivf.nlist)
+        bitmap = np.zeros(int(live[-1]) // 8 + 1, dtype=np.uint8)
+        bits = np.zeros(len(bitmap) * 8, dtype=bool)
+        bits[live] = True
+        bitmap[:] = np.packbits(bits, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), nprobe, selector)
+        ann_hits = _rerank_hits(self.ann, query, cand[0])
+        if len(ann_hits) < min(k, len(live)):
+            return _merge(flat_hits, self._exact_ann(query, k + TIE_MARGIN, live), k), "subset"
+        return _merge(flat_hits, ann_hits, k), "ann-filtered"
+
+    def _flat_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> list[Hit]:
+        if not len(allowed) or self._index.ntotal == 0:
+            return []
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        scores, ids = self._index.search(query[None], min(k, len(allowed)), params=params)
+        return _hits(ids[0], scores[0])
+
+    def _flat_filtered(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[list[Hit], str]:
+        n, m = len(self), len(allowed)
+        query = query[None]
         if m / n >= OVERFETCH_MIN_SELECTIVITY:
             fetch = min(n, int(np.ceil(k * n / m * 1.5)) + 16)
             while True:
@@ -111,48 +258,128 @@ class VectorIndex:
                 if keep.sum() >= k or fetch >= n:
                     return _hits(ids[0][keep], scores[0][keep])[:k], "overfetch"
                 fetch = min(n, fetch * 2)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        scores, ids = self._index.search(query, min(k + TIE_MARGIN, m), params=params)
-        return _hits(ids[0], scores[0])[:k], "subset"
+        return self._flat_subset(query[0], k + TIE_MARGIN, allowed)[:k], "subset"
 
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id`, or None when the index does not hold it."""
-        if len(self) == 0:
-            return None
-        try:
-            return self._index.reconstruct(int(image_id))
-        except RuntimeError:  # FAISS: "key not found"
-            return None
+        if self._index.ntotal:
+            try:
+                return self._index.reconstruct(int(image_id))
+            except RuntimeError:  # FAISS: "key not found"
+                pass
+        if self.ann is not None:
+            ids = np.array([image_id], dtype=np.int64)
+            if self._live_in_ann(ids)[0]:
+                return self.ann.store.get(ids)[1][0]
+        return None
+
+    def iter_sorted(self, chunk: int = SCAN_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every live (ids, float32 vectors) in id order, in chunks: the input of the next build."""
+        flat_ids = self._flat_ids()
+        flat_vecs = self._flat_vectors()
+        if self.ann is None:
+            store_ids, store_rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        else:
+            store_rows = np.flatnonzero(~self._dead_rows)
+            store_ids = np.asarray(self.ann.store.ids)[store_rows]
+        all_ids = np.concatenate([store_ids, flat_ids])
+        order = np.argsort(all_ids, kind="stable")
+        for start in range(0, len(order), chunk):
+            pick = order[start : start + chunk]
+            from_store = pick < len(store_ids)
+            out = np.empty((len(pick), self.dim), dtype=np.float32)
+            if from_store.any():
+                out[from_store] = self.ann.store.vectors[store_rows[pick[from_store]]]
+            if (~from_store).any():
+                out[~from_store] = flat_vecs[pick[~from_store] - len(store_ids)]
+            yield all_ids[pick], out
+
+    def growing_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self._index.ntotal)
+        if not n:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return self._flat_ids(), np.array(self._flat_vectors())
+
+    def _flat_vectors(self) -> np.ndarray:
+        """The exact segment's vectors in insertion order, as a view of FAISS's own array."""
+        n = int(self._index.ntotal)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        flat = faiss.downcast_index(self._index.index)
+        return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def describe(self) -> dict:
+        """Type, parameters, memory and measured recall: what stats and the page show."""
+        flat_bytes = int(self._index.ntotal) * (self.dim * 4 + 8)
+        if self.ann is None:
+            return {"type": INDEX_TYPE, "exact": True, "vectors": len(self), "memory_bytes": flat_bytes}
+        p = self.ann.params
+        return {
+            "type": p["kind"],
+            "exact": False,
+            "vectors": len(self),
+            "nlist": p["nlist"],
+            "nprobe": p["nprobe"],
+            "recall_at_10": p["recall_at_10"],
+            "recall_target": p["recall_target"],
+            "recall_queries": p["recall_queries"],
+            "growing_segment": int(self._index.ntotal),
+            "tombstones": int(len(self.tombstones)),
+            "memory_bytes": self.ann.memory_bytes() + flat_bytes,
+            "store_bytes": self.ann.store.resident_bytes(),
+            "build_seconds": p.get("build_seconds"),
+        }
 
     # -- persistence -------------------------------------------------------------------------
 
     def save(self, folder: Path, backbone: str) -> Path:
-        """Write the next generation atomically and point the manifest at it."""
+        """Write the next generation atomically and point the manifest at it.
+
+        Exact layout: the whole index. Approximate layout: only the growing segment and the
+        tombstones; the segment's own files were written once, by its build.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         generation = self.generation + 1
         data = faiss.serialize_index(self._index).tobytes()
-        name = f"vectors-{generation:06d}.faiss"
+        name = f"vectors-{generation:06d}.faiss" if self.ann is None else f"growing-{generation:06d}.faiss"
         _atomic_write(folder / name, data, fault="index-write")
         manifest = {
             "backbone": backbone,
             "dim": self.dim,
             "metric": METRIC,
             "normalized": True,
-            "index_type": INDEX_TYPE,
+            "layout": self.layout,
+            "index_type": INDEX_TYPE if self.ann is None else self.ann.params["kind"],
             "count": len(self),
             "generation": generation,
             "file": name,
+            "file_count": int(self._index.ntotal),
             "bytes": len(data),
             "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest(),
         }
+        if self.ann is not None:
+            _place_segment(self.ann, folder)
+            tomb = _npy_bytes(self.tombstones)
+            tomb_name = f"tombstones-{generation:06d}.npy"
+            _atomic_write(folder / tomb_name, tomb)
+            manifest["ann"] = self.ann.params
+            manifest["tombstones"] = {
+                "file": tomb_name,
+                "count": int(len(self.tombstones)),
+                "blake2b": hashlib.blake2b(tomb, digest_size=16).hexdigest(),
+            }
         _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2).encode(), fault="manifest-write")
         self.generation = generation
-        _remove_stale(folder, keep=name)
+        _remove_stale(folder, manifest)
         return folder / name
 
     @classmethod
-    def load(cls, folder: Path, backbone: str, dim: int) -> VectorIndex:
-        """Load and verify the bundle; IndexCorrupt when anything disagrees."""
+    def load(cls, folder: Path, backbone: str, dim: int, *, reuse: VectorIndex | None = None) -> VectorIndex:
+        """Load and verify the bundle; IndexCorrupt when anything disagrees.
+
+        `reuse`: the index being served; its approximate segment is kept when the new manifest
+        names the same one, so a server picks up a save by reading only the small files.
+        """
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
             data = (folder / manifest["file"]).read_bytes()
@@ -170,9 +397,83 @@ class VectorIndex:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as exc:
             raise IndexCorrupt(f"FAISS cannot read {manifest['file']}: {exc}") from None
-        if index.d != dim or index.ntotal != manifest.get("count"):
-            raise IndexCorrupt(f"index holds {index.ntotal} vectors of dimension {index.d}, manifest disagrees")
-        return cls(dim, index, generation=int(manifest.get("generation", 0)))
+        ann, tombstones = None, None
+        if manifest.get("layout") == "ann":
+            params = manifest.get("ann") or {}
+            if (
+                reuse is not None
+                and reuse.ann is not None
+                and reuse.ann.params.get("ivf_file") == params.get("ivf_file")
+            ):
+                ann = reuse.ann
+            else:
+                try:
+                    ann = open_segment(folder, params)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise IndexCorrupt(f"approximate segment: {exc}") from None
+            tombstones = _read_tombstones(folder, manifest.get("tombstones") or {})
+        loaded = cls(dim, index, generation=int(manifest.get("generation", 0)), ann=ann, tombstones=tombstones)
+        if index.d != dim or len(loaded) != manifest.get("count"):
+            raise IndexCorrupt(f"index holds {len(loaded)} vectors of dimension {index.d}, manifest disagrees")
+        return loaded
+
+
+def _place_segment(ann: AnnSegment, folder: Path) -> None:
+    """A save to another folder (a backup, a restore) brings the segment's files along: linked
+    where the file system allows, else copied; under temporary names until complete."""
+    if ann.folder is None or ann.folder.resolve() == folder.resolve():
+        return
+    for name in ann.files():
+        target = folder / name
+        if target.exists():
+            continue
+        tmp = target.with_name(f".{name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(ann.folder / name, tmp)
+        except OSError:
+            shutil.copyfile(ann.folder / name, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+
+def _read_tombstones(folder: Path, record: dict) -> np.ndarray:
+    try:
+        data = (folder / record["file"]).read_bytes()
+    except (OSError, KeyError, TypeError) as exc:
+        raise IndexCorrupt(f"cannot read tombstones: {exc}") from None
+    if hashlib.blake2b(data, digest_size=16).hexdigest() != record.get("blake2b"):
+        raise IndexCorrupt(f"tombstones {record['file']} do not match their manifest checksum")
+    return np.load(io.BytesIO(data))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, np.asarray(array, dtype=np.int64))
+    return out.getvalue()
+
+
+def filtered_nprobe(nprobe: int, selectivity: float, nlist: int) -> int:
+    """A filter keeping a fraction s of the vectors finds its top-k among the unfiltered top-k/s:
+    probe more lists, by 1/sqrt(s) (bench/filtered_search.py measures recall at each s)."""
+    return int(min(nlist, np.ceil(nprobe / np.sqrt(max(selectivity, 1e-6)))))
+
+
+def _rerank_hits(ann: AnnSegment, query: np.ndarray, candidates: np.ndarray) -> list[Hit]:
+    ids, scores = rerank(ann.store, query, candidates)
+    return [Hit(int(i), float(s)) for i, s in zip(ids, scores)]
+
+
+def _merge(a: list[Hit], b: list[Hit], k: int) -> list[Hit]:
+    return sorted(a + b, key=lambda h: (-h.score, h.id))[:k]
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(ids) <= k:
+        return ids, scores
+    keep = np.argpartition(-scores, k - 1)[:k]
+    return ids[keep], scores[keep]
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -211,11 +512,19 @@ def _atomic_write(path: Path, data: bytes, fault: str = "") -> None:
         os.close(dir_fd)
 
 
-def _remove_stale(folder: Path, keep: str) -> None:
-    """Older generations and temporary files left by interrupted saves."""
+def _remove_stale(folder: Path, manifest: dict) -> None:
+    """Files the manifest no longer names (older generations, replaced segments) and temporary
+    files left by interrupted saves or builds."""
+    keep = {manifest.get("file"), (manifest.get("tombstones") or {}).get("file")}
+    ann = manifest.get("ann") or {}
+    keep |= {
+        ann.get("ivf_file"),
+        (ann.get("store") or {}).get("ids_file"),
+        (ann.get("store") or {}).get("vectors_file"),
+    }
     for item in folder.iterdir():
-        stale_generation = item.suffix == ".faiss" and item.name != keep and item.name.startswith("vectors-")
-        if stale_generation or ".tmp" in item.name:
+        ours = item.name.startswith(("vectors-", "growing-", "tombstones-", "segment-"))
+        if (ours and item.name not in keep) or ".tmp" in item.name:
             try:
                 item.unlink()
             except OSError:

@@ -20,7 +20,7 @@ from indexer.library import Library
 from indexer.search import search_similar
 from service.deps import LibraryDep
 from service.filters import TagFilterDep
-from service.routes.search import MAX_K
+from service.routes.search import EXACT_HELP, MAX_K
 from service.safe_files import open_indexed_file
 from service.schemas import ImageOut, SearchOut, error_responses
 
@@ -74,9 +74,13 @@ def image_metadata(library: LibraryDep, image_id: ImageId) -> dict:
 
 @router.get("/{image_id}/similar", response_model=SearchOut)
 def similar_images(
-    library: LibraryDep, image_id: ImageId, tag_filter: TagFilterDep, k: Annotated[int, Query(ge=1, le=MAX_K)] = 10
+    library: LibraryDep,
+    image_id: ImageId,
+    tag_filter: TagFilterDep,
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    exact: Annotated[bool, Query(description=EXACT_HELP)] = False,
 ) -> dict:
-    return search_similar(library, image_id, k, tag_filter).to_json()
+    return search_similar(library, image_id, k, tag_filter, exact=exact).to_json()
 
 
 @router.get("/{image_id}/file", response_class=StreamingResponse, responses=FILE_RESPONSES)

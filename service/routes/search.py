@@ -14,6 +14,7 @@ from service.schemas import SearchOut, error_responses
 router = APIRouter(tags=["search"])
 
 MAX_K = 1000
+EXACT_HELP = "Scan every stored vector, even where an approximate index serves (slower, exact)"
 
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -43,7 +44,8 @@ def search_by_upload(
     file: Annotated[UploadFile, File(description="The query image")],
     k: Annotated[int | None, Form(ge=1, le=MAX_K, description="Number of results")] = None,
     k_query: Annotated[int, Query(alias="k", ge=1, le=MAX_K)] = 10,
+    exact: Annotated[bool, Query(description=EXACT_HELP)] = False,
 ) -> dict:
     """Images most similar to the uploaded one (optionally filtered by tags), with scores and tags."""
     data = file.file.read()
-    return search_image(library, data, k or k_query, tag_filter).to_json()
+    return search_image(library, data, k or k_query, tag_filter, exact=exact).to_json()

@@ -1,0 +1,72 @@
+"""When the index changes shape: the switch to an approximate segment past a size, compaction of
+the growing segment and tombstones into a new segment, re-training when the collection has
+outgrown the trained lists.
+
+Each step writes its new files under names no manifest uses yet, then saves a manifest naming
+them: that one rename is the swap. A server keeps serving the generation it loaded until it
+sees the new manifest; a kill at any point leaves the previous generation whole (the unused
+files are removed by the next save). Writers call this holding the home's write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from indexer.ann import build_segment, compact_segment
+from indexer.faults import checkpoint
+from indexer.settings import Settings
+from indexer.vector_index import VectorIndex
+
+# Re-train when the collection has grown to this many times what the lists were trained for:
+# the best list count grows with sqrt(N), so at 4x the lists are half as many as they should be.
+RETRAIN_GROWTH = 4.0
+# Compact when this fraction of the segment's vectors are tombstones: they are still scanned.
+COMPACT_TOMBSTONE_FRACTION = 0.1
+
+
+def due(index: VectorIndex, settings: Settings) -> str | None:
+    """What the index needs now: "build", "retrain", "compact", or None."""
+    n = len(index)
+    if index.ann is None:
+        return "build" if settings.ann_threshold and n >= settings.ann_threshold else None
+    if n > RETRAIN_GROWTH * index.ann.params.get("trained_for", n):
+        return "retrain"
+    if index.growing >= settings.compact_at or len(index.tombstones) >= COMPACT_TOMBSTONE_FRACTION * len(index.ann):
+        return "compact"
+    return None
+
+
+def maintain(
+    index: VectorIndex, folder: Path, backbone: str, settings: Settings, notify: Callable[[str], None]
+) -> VectorIndex:
+    """Do what is due and save; returns the index to serve from now on (`index` when nothing was)."""
+    step = due(index, settings)
+    if step is None:
+        return index
+    generation = index.generation + 1  # the save below writes this generation
+    name = f"segment-{generation:06d}"
+    count = len(index)
+    if step == "compact":
+        notify(f"compacting {index.growing} new vectors and {len(index.tombstones)} tombstones into the segment")
+        segment = compact_segment(
+            folder,
+            name,
+            index.ann,
+            index.iter_sorted,
+            count,
+            removed=index.tombstones,
+            added=index.growing_vectors(),
+            recall_target=settings.ann_recall_target,
+            notify=notify,
+        )
+    else:
+        why = "the collection reached" if step == "build" else "re-training the lists for"
+        notify(f"{why} {count} vectors: building an approximate index while the current one keeps serving")
+        segment = build_segment(
+            folder, name, index.iter_sorted, count, index.dim, recall_target=settings.ann_recall_target, notify=notify
+        )
+    rebuilt = VectorIndex(index.dim, generation=index.generation, ann=segment)
+    checkpoint("ann-swap", folder)
+    rebuilt.save(folder, backbone)
+    return rebuilt

@@ -1,0 +1,334 @@
+"""The approximate layout: the switch past a size, recall against brute force, exact filtered
+results where promised, the growing segment and tombstones, compaction and re-training, kills
+during the build, the swap and the compaction, and a server answering while it all happens.
+
+Vectors are clustered unit vectors (real data has clusters; uniform random vectors are the
+hardest case for IVF and unlike any photo collection). Brute force runs in numpy on the same
+float16-rounded vectors the approximate layout stores, so "exact" means exactly that ranking.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from faults.faultlib import base_env, db_invariants, run_cli
+from test_import import BACKBONE, DIM, catalogue_paths, write_parquet
+
+import databases
+from conftest import assert_index_matches_db
+from indexer import index_maintenance
+from indexer import vector_index as vi
+from indexer.library import Library
+from indexer.settings import Settings
+from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
+from live_server import running_server
+
+K = 10
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 40, spread: float = 0.7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d) * 3
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(ids: np.ndarray, vectors: np.ndarray, query: np.ndarray, k: int, allowed=None) -> list[int]:
+    """Exact top-k by inner product over float16-rounded vectors (what the segment stores)."""
+    v = vectors.astype(np.float16).astype(np.float32)
+    scores = v @ query
+    if allowed is not None:
+        scores = np.where(np.isin(ids, allowed), scores, -np.inf)
+    order = np.lexsort((ids, -scores))[:k]
+    return [int(i) for i in ids[order[np.isfinite(scores[order])]]]
+
+
+def recall(got: list[list[int]], want: list[list[int]]) -> float:
+    return float(np.mean([len(set(g) & set(w)) / max(1, len(w)) for g, w in zip(got, want)]))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """5,000 vectors of 128 dimensions, switched to the approximate layout at 4,000."""
+    folder = tmp_path_factory.mktemp("ann")
+    ids = np.arange(1, 5001, dtype=np.int64)
+    x = clustered(5000, 128, seed=0)
+    index = VectorIndex(128)
+    index.add(ids, x)
+    settings = Settings(home=folder, ann_threshold=4000, compact_at=400)
+    assert index_maintenance.due(index, settings) == "build"
+    switched = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    return folder, ids, x, switched, settings
+
+
+def test_the_switch_builds_an_ivf_index_whose_recall_is_measured_and_holds(built):
+    folder, ids, x, index, _ = built
+    assert index.layout == "ann" and len(index) == 5000 and index.growing == 0
+    info = index.describe()
+    assert info["type"].startswith("IVF") and info["type"].endswith("SQ8+rerank")
+    assert info["nlist"] == index_maintenance.build_segment.__globals__["choose_nlist"](5000)
+    assert info["recall_at_10"] >= 0.98 or info["nprobe"] == info["nlist"]
+    assert info["memory_bytes"] < 5000 * 128 * 4  # codes are a quarter of float32
+    manifest = read_manifest(folder)
+    assert manifest["layout"] == "ann" and manifest["ann"]["recall_at_10"] == info["recall_at_10"]
+    # Fresh queries (not stored vectors), checked against brute force.
+    queries = clustered(100, 128, seed=99)
+    got = [[h.id for h in hits] for hits in index.search(queries, K)]
+    want = [brute_force(ids, x, q, K) for q in queries]
+    assert recall(got, want) >= 0.95
+    assert all(len(g) == K for g in got)
+
+
+def test_exact_search_on_the_approximate_layout_is_brute_force(built):
+    _, ids, x, index, _ = built
+    for q in clustered(20, 128, seed=7):
+        (hits,) = index.search(q[None], K, exact=True)
+        assert [h.id for h in hits] == brute_force(ids, x, q, K)
+
+
+def test_a_small_allowed_set_gets_the_exact_filtered_ranking(built):
+    _, ids, x, index, _ = built
+    rng = np.random.default_rng(3)
+    for q in clustered(10, 128, seed=8):
+        allowed = np.sort(rng.choice(ids, 300, replace=False))
+        hits, strategy = index.search_filtered(q, K, allowed)
+        assert strategy == "subset"
+        assert [h.id for h in hits] == brute_force(ids, x, q, K, allowed)
+
+
+def test_a_large_allowed_set_searches_the_lists_with_a_selector(built, monkeypatch):
+    """Above the scan limit (lowered here) the lists are searched with a bitmap of the allowed ids;
+    recall stays at the unfiltered level at every selectivity, and k come back."""
+    _, ids, x, index, _ = built
+    monkeypatch.setattr(vi, "EXACT_SCAN_MAX", 100)
+    rng = np.random.default_rng(4)
+    queries = clustered(40, 128, seed=9)
+    for fraction in (0.5, 0.1, 0.03):
+        got, want, strategies = [], [], set()
+        for q in queries:
+            allowed = np.sort(rng.choice(ids, int(5000 * fraction), replace=False))
+            hits, strategy = index.search_filtered(q, K, allowed)
+            strategies.add(strategy)
+            assert set(h.id for h in hits) <= set(allowed.tolist())
+            got.append([h.id for h in hits])
+            want.append(brute_force(ids, x, q, K, allowed))
+        assert "ann-filtered" in strategies, fraction
+        assert recall(got, want) >= 0.95, fraction
+        assert all(len(g) == K for g in got), fraction
+
+
+def test_never_fewer_than_k_when_k_match(built, monkeypatch):
+    """Allowed ids all far from the query, above the scan limit: whether the wider probe reaches
+    them or the search falls back to scoring them exactly, k come back, the right ones."""
+    _, ids, x, index, _ = built
+    monkeypatch.setattr(vi, "EXACT_SCAN_MAX", 100)
+    q = x[0]
+    far = np.sort(ids[np.argsort(x @ q)[:150]])  # the 150 least similar vectors
+    hits, strategy = index.search_filtered(q, K, far)
+    assert len(hits) == K and strategy in ("subset", "ann-filtered")
+    assert [h.id for h in hits] == brute_force(ids, x, q, K, far)
+
+
+def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_path):
+    folder = tmp_path / "index"
+    ids = np.arange(1, 3001, dtype=np.int64)
+    x = clustered(3000, 64, seed=1)
+    index = VectorIndex(64)
+    index.add(ids, x)
+    settings = Settings(home=tmp_path, ann_threshold=2000, compact_at=300)
+    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    segment_files = {p.name: p.stat().st_mtime_ns for p in folder.glob("segment-*")}
+    assert len(segment_files) == 3  # the lists, the ids, the float16 vectors
+
+    new_ids = np.arange(3001, 3201, dtype=np.int64)
+    new_x = clustered(200, 64, seed=2)
+    index.add(new_ids, new_x)
+    index.remove(ids[:50])
+    replaced = clustered(10, 64, seed=3)
+    index.remove(ids[100:110])
+    index.add(ids[100:110], replaced)  # re-embedded: the new vector serves, the old is a tombstone
+    all_ids = np.concatenate([ids[50:], new_ids])
+    all_x = np.concatenate([x[50:], new_x])
+    all_x[50:60] = replaced
+    order = np.argsort(all_ids)
+    all_ids, all_x = all_ids[order], all_x[order]
+    assert len(index) == 3150 and np.array_equal(index.ids(), all_ids)
+    assert index.growing == 210 and len(index.tombstones) == 60
+    (hits,) = index.search(new_x[:1], 1)
+    assert hits[0].id == 3001  # visible at once
+    assert np.allclose(index.reconstruct(101), replaced[0]) and index.reconstruct(1) is None
+
+    index.save(folder, "bb")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("segment-*")} == segment_files
+    reloaded = VectorIndex.load(folder, "bb", 64)
+    assert np.array_equal(reloaded.ids(), all_ids)
+    queries = clustered(15, 64, seed=4)
+    before = [[h.id for h in hits] for hits in reloaded.search(queries, K, exact=True)]
+    assert before == [brute_force(all_ids, all_x, q, K) for q in queries]
+
+    reloaded.add(np.arange(3201, 3301, dtype=np.int64), clustered(100, 64, seed=5))
+    assert index_maintenance.due(reloaded, settings) == "compact"
+    compacted = index_maintenance.maintain(reloaded, folder, "bb", settings, lambda _: None)
+    assert compacted.growing == 0 and len(compacted.tombstones) == 0 and len(compacted) == 3250
+    assert compacted.ann.params["nlist"] == reloaded.ann.params["nlist"]  # lists kept, not re-trained
+    assert not set(segment_files) & {p.name for p in folder.iterdir()}  # the old segment is gone
+    after = [[h.id for h in hits] for hits in compacted.search(queries, K, exact=True)]
+    ids_now = np.concatenate([all_ids, np.arange(3201, 3301)])
+    x_now = np.concatenate([all_x, clustered(100, 64, seed=5)])
+    assert after == [brute_force(ids_now, x_now, q, K) for q in queries]
+
+
+def test_a_collection_that_outgrew_its_lists_is_retrained(tmp_path):
+    index = VectorIndex(32)
+    index.add(np.arange(1, 1201), clustered(1200, 32, seed=6))
+    settings = Settings(home=tmp_path, ann_threshold=1000, compact_at=100_000)
+    index = index_maintenance.maintain(index, tmp_path, "bb", settings, lambda _: None)
+    nlist = index.ann.params["nlist"]
+    index.add(np.arange(1201, 6001), clustered(4800, 32, seed=7))
+    assert index_maintenance.due(index, settings) == "retrain"
+    index = index_maintenance.maintain(index, tmp_path, "bb", settings, lambda _: None)
+    assert index.ann.params["nlist"] > nlist and index.ann.params["trained_for"] == 6000 and index.growing == 0
+
+
+def test_a_damaged_segment_is_reported_not_served(tmp_path):
+    index = VectorIndex(32)
+    index.add(np.arange(1, 1201), clustered(1200, 32, seed=6))
+    index = index_maintenance.maintain(index, tmp_path, "bb", Settings(home=tmp_path, ann_threshold=1000), print)
+    (vectors,) = tmp_path.glob("segment-*.f16.npy")
+    with open(vectors, "r+b") as fh:
+        fh.truncate(vectors.stat().st_size - 4096)
+    with pytest.raises(IndexCorrupt, match="segment"):
+        VectorIndex.load(tmp_path, "bb", 32)
+
+
+# -- a home on the approximate layout ----------------------------------------------------------
+
+N_HOME = 2400
+SMALL_ANN = {"LOOKALIKE_ANN_THRESHOLD": "2000", "LOOKALIKE_COMPACT_AT": "150"}
+
+
+def catalogue(tmp_path: Path, n: int, seed: int, prefix: str) -> Path:
+    return write_parquet(
+        tmp_path / f"{prefix}.parquet", catalogue_paths(n, f"/elsewhere/{prefix}"), clustered(n, DIM, seed)
+    )
+
+
+def library_at(home: Path, model_cache: Path, **settings) -> Library:
+    return Library(databases.home_settings(home, model_cache=model_cache, **settings))
+
+
+@pytest.mark.storage
+def test_a_home_switches_at_its_threshold_and_serves_approximate_and_exact(tmp_path, model_cache):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    home = tmp_path / "home"
+    env = base_env(home, model_cache, **SMALL_ANN)
+    proc = run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "building an approximate index" in proc.stderr
+    settings = databases.home_settings(home, model_cache=model_cache, ann_threshold=2000, compact_at=150)
+    with TestClient(create_app(settings)) as client:
+        stats = client.get("/stats").json()["index"]
+        assert stats["exact"] is False and stats["type"].startswith("IVF") and stats["vectors"] == N_HOME
+        assert stats["recall_at_10"] >= 0.98 and stats["switch_at"] == 2000 and stats["memory_bytes"] > 0
+        assert client.get("/health").json()["images"] == N_HOME
+        ids = [int(i) for i in client.app.state.library.index().ids()[::120]]
+        hits = total = 0
+        for image_id in ids:
+            ann = client.get(f"/images/{image_id}/similar", params={"k": K}).json()
+            exact = client.get(f"/images/{image_id}/similar", params={"k": K, "exact": "true"}).json()
+            assert ann["strategy"] == "ann" and exact["strategy"] == "exact-scan"
+            assert len(ann["results"]) == len(exact["results"]) == K
+            hits += len({r["id"] for r in ann["results"]} & {r["id"] for r in exact["results"]})
+            total += K
+        assert hits / total >= 0.95
+    library = library_at(home, model_cache)
+    assert_index_matches_db(library)
+    library.close()
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("point", ["ann-build:1", "ann-swap:1", "compaction:1"])
+def test_a_kill_during_build_swap_or_compaction_loses_nothing(tmp_path, model_cache, point):
+    home = tmp_path / "home"
+    env = base_env(home, model_cache, **SMALL_ANN)
+    first, second = catalogue(tmp_path, N_HOME, 0, "a"), catalogue(tmp_path, 200, 1, "b")
+    if point.startswith("compaction"):  # build first; the second import's compaction is killed
+        assert run_cli(["import", str(first), "--home", str(home), "-q"], env).returncode == 0
+        killed = run_cli(["import", str(second), "--home", str(home), "-q"], env, faults=f"{point}=kill")
+        expected = N_HOME + 200
+    else:
+        killed = run_cli(["import", str(first), "--home", str(home), "-q"], env, faults=f"{point}=kill")
+        expected = N_HOME
+    assert killed.returncode == -9, killed.stderr[-400:]
+    assert db_invariants(home) == expected  # the import had committed: its rows stay
+    library = library_at(home, model_cache, ann_threshold=2000, compact_at=150)
+    assert len(library.index()) == expected  # the saved index, repaired from the database
+    assert_index_matches_db(library)
+    image_id = int(library.index().ids()[5])
+    from indexer.search import search_similar
+
+    assert len(search_similar(library, image_id, K).results) == K
+    library.close()
+    # The next write finishes the job and leaves no file from the killed run behind.
+    proc = run_cli(["reindex", "--home", str(home)], env)
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(home / "index")
+    assert manifest["layout"] == "ann" and manifest["count"] == expected and manifest["file_count"] == 0
+    named = {manifest["file"], manifest["tombstones"]["file"], manifest["ann"]["ivf_file"]}
+    named |= {manifest["ann"]["store"]["ids_file"], manifest["ann"]["store"]["vectors_file"]}
+    on_disk = {p.name for p in (home / "index").iterdir()} - {"index.json", "tags.stamp"}
+    assert on_disk == named
+
+
+@pytest.mark.storage
+def test_a_server_answers_while_the_index_is_rebuilt_and_swapped(tmp_path, model_cache):
+    """Queries run non-stop while another process imports past the threshold (build and swap),
+    then imports more (growing segment, compaction); none fails, and the server ends on the
+    writer's final generation."""
+    home = tmp_path / "home"
+    env = base_env(home, model_cache, **SMALL_ANN)
+    assert run_cli(["import", str(catalogue(tmp_path, 1500, 0, "a")), "--home", str(home), "-q"], env).returncode == 0
+    server_env = {**env, "LOOKALIKE_RELOAD_INTERVAL": "0.2"}
+    with databases.reader(home).connect() as conn:
+        ids = [row[0] for row in conn.exec_driver_sql("SELECT id FROM images ORDER BY id LIMIT 30")]
+    with running_server(home, env=server_env) as base, httpx.Client(base_url=base, timeout=60) as client:
+        errors, answered, stop = [], [], threading.Event()
+
+        def query_loop():
+            with httpx.Client(base_url=base, timeout=60) as c:
+                i = 0
+                while not stop.is_set():
+                    r = c.get(f"/images/{ids[i % len(ids)]}/similar", params={"k": K})
+                    if r.status_code != 200 or len(r.json()["results"]) != K:
+                        errors.append((r.status_code, r.text[:300]))
+                    answered.append(r.json().get("strategy") if r.status_code == 200 else None)
+                    i += 1
+
+        worker = threading.Thread(target=query_loop)
+        worker.start()
+        try:
+            for seed, (n, prefix) in enumerate([(900, "b"), (100, "c"), (100, "d")], start=1):
+                proc = run_cli(["import", str(catalogue(tmp_path, n, seed, prefix)), "--home", str(home), "-q"], env)
+                assert proc.returncode == 0, proc.stderr
+            deadline = time.monotonic() + 60
+            while client.get("/health").json()["images"] != 2600 or "ann" not in answered[-3:]:
+                assert time.monotonic() < deadline, "the server did not pick up the writer's final index"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            worker.join()
+        assert not errors, errors[:3]
+        assert "unfiltered" in answered and "ann" in answered  # served before and after the switch
+        assert client.get("/health").json()["images"] == 2600
+    assert os.path.exists(home / "index" / "index.json")
+    assert BACKBONE and db_invariants(home) == 2600
