@@ -32,32 +32,36 @@ DEFAULT_RECALL_TARGET = 0.98
 RECALL_QUERIES = 200  # sampled stored vectors used as queries when tuning and measuring recall
 RECALL_K = 10
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39
-KMEANS_ITERATIONS = 12  # centroids move little after ~10 iterations; each costs a pass over the sample
+KMEANS_ITERATIONS = 10  # centroids move little after ~10 iterations; each costs a pass over the sample
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 Notify = Callable[[str], None]
 
 
 def candidates_for(k: int) -> int:
-    """Codes choose this many candidates for exact re-ranking."""
-    return max(4 * k, k + 40)
+    """Codes choose this many candidates for exact re-ranking: 4-bit PQ distances are coarse,
+    and re-ranking 500 float16 rows costs ~1 ms, so many are cheap insurance."""
+    return max(500, 16 * k)
 
 
 def choose_nlist(n: int) -> int:
-    """About 2*sqrt(N) lists (the low end of FAISS's 1*..16*sqrt(N)), capped so that each list
-    has TRAIN_POINTS_PER_LIST training points. The low end: on two cores a 4*sqrt(N) k-means
-    at 1M vectors costs minutes more, and the lists it saves are recovered by nprobe."""
-    return int(max(1, min(2 * math.sqrt(n), n // TRAIN_POINTS_PER_LIST)))
+    """About 4*sqrt(N) lists (FAISS's guideline, autofaiss's choice), capped so that each list
+    has TRAIN_POINTS_PER_LIST training points."""
+    return int(max(1, min(4 * math.sqrt(n), n // TRAIN_POINTS_PER_LIST)))
 
 
-def _new_ivf(dim: int, nlist: int) -> faiss.IndexIVFScalarQuantizer:
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFScalarQuantizer(
-        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-    )
-    ivf.own_fields = True
-    quantizer.this.disown()
-    ivf.cp.niter = KMEANS_ITERATIONS
+def pq_subquantizers(dim: int) -> int:
+    """The most sub-vectors of at least 5 dimensions that divide `dim` evenly (an even number, as
+    fast-scan packs codes in pairs): 256 for 1280-d (128 bytes a vector), 64 for 512-d."""
+    for m in range(dim // 5, 1, -1):
+        if dim % m == 0 and m % 2 == 0:
+            return m
+    return 2
+
+
+def _new_ivf(dim: int, nlist: int) -> faiss.Index:
+    ivf = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_subquantizers(dim)}x4fs", faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(ivf).cp.niter = KMEANS_ITERATIONS
     return ivf
 
 
@@ -138,7 +142,7 @@ def build_segment(
     store = open_store(folder, store_record)
     nlist = choose_nlist(count)
     ivf = _new_ivf(dim, nlist)
-    sample_n = min(count, nlist * TRAIN_POINTS_PER_LIST * 2)
+    sample_n = min(count, max(nlist * TRAIN_POINTS_PER_LIST, 10_000))
     rows = np.sort(np.random.default_rng(0).choice(count, size=sample_n, replace=False))
     say(f"training {nlist} lists on {sample_n} of {count} vectors")
     ivf.train(np.ascontiguousarray(store.vectors[rows], dtype=np.float32))
@@ -186,7 +190,7 @@ def _finish(folder, name, ivf, store, store_record, trained_for, recall_target, 
     nprobe, recall = tune_nprobe(segment, recall_target)
     files = write_ivf(ivf, folder / f"{name}.ivf")
     segment.params = {
-        "kind": f"IVF{ivf.nlist},SQ8+rerank",
+        "kind": f"IVF{ivf.nlist},PQ{ivf.M}x4fs+rerank",
         "nlist": int(ivf.nlist),
         "nprobe": nprobe,
         "recall_at_10": recall,
@@ -201,22 +205,6 @@ def _finish(folder, name, ivf, store, store_record, trained_for, recall_target, 
     return segment
 
 
-def exact_top(store: Float16Store, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k ids for each query over the whole store, in one pass over the mapped file."""
-    best_ids = np.full((len(queries), 0), -1, dtype=np.int64)
-    best_scores = np.zeros((len(queries), 0), dtype=np.float32)
-    for ids, vectors in store.iter_chunks():
-        scores = queries @ vectors.T
-        all_scores = np.concatenate([best_scores, scores], axis=1)
-        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
-        keep = min(k, all_scores.shape[1])
-        top = np.argpartition(-all_scores, keep - 1, axis=1)[:, :keep]
-        best_scores = np.take_along_axis(all_scores, top, axis=1)
-        best_ids = np.take_along_axis(all_ids, top, axis=1)
-    order = np.argsort(-best_scores, axis=1, kind="stable")
-    return np.take_along_axis(best_ids, order, axis=1)
-
-
 def rerank(store: Float16Store, query: np.ndarray, candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, exact scores) of the candidates, best first."""
     candidate_ids = candidate_ids[candidate_ids != -1]
@@ -225,43 +213,47 @@ def rerank(store: Float16Store, query: np.ndarray, candidate_ids: np.ndarray) ->
     return ids[order], scores[order]
 
 
-def measure_recall(segment: AnnSegment, nprobes, k: int = RECALL_K, queries: int = RECALL_QUERIES) -> dict[int, float]:
-    """recall@k with re-ranking for each nprobe, on stored vectors as queries (each left out of
-    its own results, as "more like this" does), against exact search over the same store."""
-    store = segment.store
+def recall_queries(store: Float16Store, k: int = RECALL_K, queries: int = RECALL_QUERIES):
+    """Sampled stored vectors as queries (each left out of its own results, as "more like this"
+    does) and their exact top-k over the same store: the ground truth, computed once a build."""
     n = len(store)
-    if n <= k + 1:
-        return {p: 1.0 for p in nprobes}
     rows = np.sort(np.random.default_rng(1).choice(n, size=min(queries, n), replace=False))
     query_ids = np.asarray(store.ids[rows])
     q = store.vectors[rows].astype(np.float32)
-    truth = exact_top(store, q, k + 1)
-    truth_sets = [set(t[t != qid][:k].tolist()) for t, qid in zip(truth, query_ids)]
+    _, truth_rows = store.codes.search(q, min(n, k + 1))
+    ids = np.asarray(store.ids)
+    truth = [set(ids[t[t >= 0]][ids[t[t >= 0]] != qid][:k].tolist()) for t, qid in zip(truth_rows, query_ids)]
+    return query_ids, q, truth
+
+
+def measure_recall(segment: AnnSegment, nprobes, truth_set=None, k: int = RECALL_K) -> dict[int, float]:
+    """recall@k with re-ranking for each nprobe against exact search over the same store."""
+    if len(segment.store) <= k + 1:
+        return {p: 1.0 for p in nprobes}
+    query_ids, q, truth = truth_set or recall_queries(segment.store, k)
     out = {}
     for nprobe in nprobes:
         cand = segment.candidates(q, candidates_for(k) + 1, nprobe)
         hits = 0
-        for row, qid, vec, want in zip(cand, query_ids, q, truth_sets):
-            ids, _ = rerank(store, vec, row[row != qid])
+        for row, qid, vec, want in zip(cand, query_ids, q, truth):
+            ids, _ = rerank(segment.store, vec, row[row != qid])
             hits += len(want.intersection(ids[:k].tolist()))
-        out[nprobe] = hits / (k * len(rows))
+        out[nprobe] = hits / (k * len(q))
     return out
 
 
 def tune_nprobe(segment: AnnSegment, target: float) -> tuple[int, float]:
-    """The smallest nprobe whose measured recall@10 reaches `target` (all lists when none does)."""
+    """The smallest nprobe whose measured recall@10 reaches `target`; when none does, the best.
+
+    A plain scan from few lists up, not a bisection: recall is not monotonic in nprobe when the
+    codes are coarse (more lists bring more near-misses that crowd the re-ranked candidates)."""
     nlist = segment.ivf.nlist
     steps = [p for p in NPROBE_STEPS if p < nlist] + [nlist]
-    low, high = 0, len(steps) - 1  # recall grows with nprobe: bisect over the steps
-    recall_at: dict[int, float] = {}
-    while low < high:
-        mid = (low + high) // 2
-        recall_at.update(measure_recall(segment, [steps[mid]]))
-        if recall_at[steps[mid]] >= target:
-            high = mid
-        else:
-            low = mid + 1
-    chosen = steps[low]
-    if chosen not in recall_at:
-        recall_at.update(measure_recall(segment, [chosen]))
-    return chosen, round(recall_at[chosen], 4)
+    truth = recall_queries(segment.store) if len(segment.store) > RECALL_K + 1 else None
+    best = (0.0, steps[-1])
+    for nprobe in steps:
+        got = measure_recall(segment, [nprobe], truth)[nprobe]
+        if got >= target:
+            return nprobe, round(got, 4)
+        best = max(best, (got, nprobe), key=lambda b: b[0])
+    return best[1], round(best[0], 4)

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     ann_threshold: int = Field(
         default=100_000,
         ge=0,
-        description="From this many vectors on, search an approximate index (IVF-SQ8, re-ranked exactly); 0 = never",
+        description="From this many vectors on, search an approximate index (IVF-PQ, re-ranked exactly); 0 = never",
     )
     ann_recall_target: float = Field(
         default=0.98, gt=0, le=1, description="recall@10 the approximate index's nprobe is tuned to reach"

@@ -75,7 +75,7 @@ class Hit:
 class VectorIndex:
     """Exact layout: one `IDMap2,Flat` index holds every vector (small collections).
 
-    Approximate layout (past `Settings.ann_threshold` vectors): a read-only IVF-SQ8 segment with
+    Approximate layout (past `Settings.ann_threshold` vectors): a read-only IVF-PQ segment with
     its float16 store, plus a small exact growing segment for vectors added since it was built,
     plus tombstones for its vectors removed since. A save writes only the growing segment and the
     tombstones; `indexer.index_maintenance` folds both into a new segment in the background.
@@ -189,17 +189,13 @@ class VectorIndex:
         """Exact top-k over the segment's live vectors (all, or the sorted `allowed` ids)."""
         store = self.ann.store
         if allowed is None:
-            best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
-            for start in range(0, len(store), SCAN_CHUNK):
-                ids = np.asarray(store.ids[start : start + SCAN_CHUNK])
-                scores = store.vectors[start : start + SCAN_CHUNK].astype(np.float32) @ query
-                scores[self._dead_rows[start : start + SCAN_CHUNK]] = -np.inf
-                best_ids, best_scores = _top(np.concatenate([best_ids, ids]), np.concatenate([best_scores, scores]), k)
+            rows = np.flatnonzero(~self._dead_rows) if self._dead_rows.any() else None
         else:
-            live = allowed[self._live_in_ann(allowed)]
-            best_ids, best_scores = store.scores(query, live)
-            best_ids, best_scores = _top(best_ids, best_scores, k)
-        return [h for h in _hits(best_ids, best_scores) if np.isfinite(h.score)][:k]
+            rows, found = store.rows_of(allowed)
+            found[found] = ~self._dead_rows[rows[found]]
+            rows = rows[found]
+        ids, scores = store.exact_rows(query, k, rows)
+        return _hits(ids, scores)[:k]
 
     def search_filtered(
         self, query: np.ndarray, k: int, allowed: np.ndarray, *, exact: bool = False
@@ -467,13 +463,6 @@ def _rerank_hits(ann: AnnSegment, query: np.ndarray, candidates: np.ndarray) -> 
 
 def _merge(a: list[Hit], b: list[Hit], k: int) -> list[Hit]:
     return sorted(a + b, key=lambda h: (-h.score, h.id))[:k]
-
-
-def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if len(ids) <= k:
-        return ids, scores
-    keep = np.argpartition(-scores, k - 1)[:k]
-    return ids[keep], scores[keep]
 
 
 def read_manifest(folder: Path) -> dict | None:

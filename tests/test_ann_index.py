@@ -56,11 +56,12 @@ def recall(got: list[list[int]], want: list[list[int]]) -> float:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """5,000 vectors of 128 dimensions, switched to the approximate layout at 4,000."""
+    """5,000 vectors of 160 dimensions (32 PQ sub-vectors of 5, as 1280-d gets 256), switched to
+    the approximate layout at 4,000."""
     folder = tmp_path_factory.mktemp("ann")
     ids = np.arange(1, 5001, dtype=np.int64)
-    x = clustered(5000, 128, seed=0)
-    index = VectorIndex(128)
+    x = clustered(5000, 160, seed=0)
+    index = VectorIndex(160)
     index.add(ids, x)
     settings = Settings(home=folder, ann_threshold=4000, compact_at=400)
     assert index_maintenance.due(index, settings) == "build"
@@ -72,14 +73,14 @@ def test_the_switch_builds_an_ivf_index_whose_recall_is_measured_and_holds(built
     folder, ids, x, index, _ = built
     assert index.layout == "ann" and len(index) == 5000 and index.growing == 0
     info = index.describe()
-    assert info["type"].startswith("IVF") and info["type"].endswith("SQ8+rerank")
+    assert info["type"].startswith("IVF") and info["type"].endswith("x4fs+rerank")
     assert info["nlist"] == index_maintenance.build_segment.__globals__["choose_nlist"](5000)
     assert info["recall_at_10"] >= 0.98 or info["nprobe"] == info["nlist"]
-    assert info["memory_bytes"] < 5000 * 128 * 4  # codes are a quarter of float32
+    assert info["memory_bytes"] < 5000 * 160 * 4 / 4  # 4-bit codes: a sixteenth of float32, plus the lists
     manifest = read_manifest(folder)
     assert manifest["layout"] == "ann" and manifest["ann"]["recall_at_10"] == info["recall_at_10"]
     # Fresh queries (not stored vectors), checked against brute force.
-    queries = clustered(100, 128, seed=99)
+    queries = clustered(100, 160, seed=99)
     got = [[h.id for h in hits] for hits in index.search(queries, K)]
     want = [brute_force(ids, x, q, K) for q in queries]
     assert recall(got, want) >= 0.95
@@ -88,7 +89,7 @@ def test_the_switch_builds_an_ivf_index_whose_recall_is_measured_and_holds(built
 
 def test_exact_search_on_the_approximate_layout_is_brute_force(built):
     _, ids, x, index, _ = built
-    for q in clustered(20, 128, seed=7):
+    for q in clustered(20, 160, seed=7):
         (hits,) = index.search(q[None], K, exact=True)
         assert [h.id for h in hits] == brute_force(ids, x, q, K)
 
@@ -96,7 +97,7 @@ def test_exact_search_on_the_approximate_layout_is_brute_force(built):
 def test_a_small_allowed_set_gets_the_exact_filtered_ranking(built):
     _, ids, x, index, _ = built
     rng = np.random.default_rng(3)
-    for q in clustered(10, 128, seed=8):
+    for q in clustered(10, 160, seed=8):
         allowed = np.sort(rng.choice(ids, 300, replace=False))
         hits, strategy = index.search_filtered(q, K, allowed)
         assert strategy == "subset"
@@ -109,7 +110,7 @@ def test_a_large_allowed_set_searches_the_lists_with_a_selector(built, monkeypat
     _, ids, x, index, _ = built
     monkeypatch.setattr(vi, "EXACT_SCAN_MAX", 100)
     rng = np.random.default_rng(4)
-    queries = clustered(40, 128, seed=9)
+    queries = clustered(40, 160, seed=9)
     for fraction in (0.5, 0.1, 0.03):
         got, want, strategies = [], [], set()
         for q in queries:
@@ -139,8 +140,8 @@ def test_never_fewer_than_k_when_k_match(built, monkeypatch):
 def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_path):
     folder = tmp_path / "index"
     ids = np.arange(1, 3001, dtype=np.int64)
-    x = clustered(3000, 64, seed=1)
-    index = VectorIndex(64)
+    x = clustered(3000, 80, seed=1)
+    index = VectorIndex(80)
     index.add(ids, x)
     settings = Settings(home=tmp_path, ann_threshold=2000, compact_at=300)
     index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
@@ -148,10 +149,10 @@ def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_pat
     assert len(segment_files) == 3  # the lists, the ids, the float16 vectors
 
     new_ids = np.arange(3001, 3201, dtype=np.int64)
-    new_x = clustered(200, 64, seed=2)
+    new_x = clustered(200, 80, seed=2)
     index.add(new_ids, new_x)
     index.remove(ids[:50])
-    replaced = clustered(10, 64, seed=3)
+    replaced = clustered(10, 80, seed=3)
     index.remove(ids[100:110])
     index.add(ids[100:110], replaced)  # re-embedded: the new vector serves, the old is a tombstone
     all_ids = np.concatenate([ids[50:], new_ids])
@@ -167,13 +168,13 @@ def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_pat
 
     index.save(folder, "bb")
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("segment-*")} == segment_files
-    reloaded = VectorIndex.load(folder, "bb", 64)
+    reloaded = VectorIndex.load(folder, "bb", 80)
     assert np.array_equal(reloaded.ids(), all_ids)
-    queries = clustered(15, 64, seed=4)
+    queries = clustered(15, 80, seed=4)
     before = [[h.id for h in hits] for hits in reloaded.search(queries, K, exact=True)]
     assert before == [brute_force(all_ids, all_x, q, K) for q in queries]
 
-    reloaded.add(np.arange(3201, 3301, dtype=np.int64), clustered(100, 64, seed=5))
+    reloaded.add(np.arange(3201, 3301, dtype=np.int64), clustered(100, 80, seed=5))
     assert index_maintenance.due(reloaded, settings) == "compact"
     compacted = index_maintenance.maintain(reloaded, folder, "bb", settings, lambda _: None)
     assert compacted.growing == 0 and len(compacted.tombstones) == 0 and len(compacted) == 3250
@@ -181,31 +182,31 @@ def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_pat
     assert not set(segment_files) & {p.name for p in folder.iterdir()}  # the old segment is gone
     after = [[h.id for h in hits] for hits in compacted.search(queries, K, exact=True)]
     ids_now = np.concatenate([all_ids, np.arange(3201, 3301)])
-    x_now = np.concatenate([all_x, clustered(100, 64, seed=5)])
+    x_now = np.concatenate([all_x, clustered(100, 80, seed=5)])
     assert after == [brute_force(ids_now, x_now, q, K) for q in queries]
 
 
 def test_a_collection_that_outgrew_its_lists_is_retrained(tmp_path):
-    index = VectorIndex(32)
-    index.add(np.arange(1, 1201), clustered(1200, 32, seed=6))
+    index = VectorIndex(40)
+    index.add(np.arange(1, 1201), clustered(1200, 40, seed=6))
     settings = Settings(home=tmp_path, ann_threshold=1000, compact_at=100_000)
     index = index_maintenance.maintain(index, tmp_path, "bb", settings, lambda _: None)
     nlist = index.ann.params["nlist"]
-    index.add(np.arange(1201, 6001), clustered(4800, 32, seed=7))
+    index.add(np.arange(1201, 6001), clustered(4800, 40, seed=7))
     assert index_maintenance.due(index, settings) == "retrain"
     index = index_maintenance.maintain(index, tmp_path, "bb", settings, lambda _: None)
     assert index.ann.params["nlist"] > nlist and index.ann.params["trained_for"] == 6000 and index.growing == 0
 
 
 def test_a_damaged_segment_is_reported_not_served(tmp_path):
-    index = VectorIndex(32)
-    index.add(np.arange(1, 1201), clustered(1200, 32, seed=6))
+    index = VectorIndex(40)
+    index.add(np.arange(1, 1201), clustered(1200, 40, seed=6))
     index = index_maintenance.maintain(index, tmp_path, "bb", Settings(home=tmp_path, ann_threshold=1000), print)
-    (vectors,) = tmp_path.glob("segment-*.f16.npy")
+    (vectors,) = tmp_path.glob("segment-*.sq")
     with open(vectors, "r+b") as fh:
         fh.truncate(vectors.stat().st_size - 4096)
     with pytest.raises(IndexCorrupt, match="segment"):
-        VectorIndex.load(tmp_path, "bb", 32)
+        VectorIndex.load(tmp_path, "bb", 40)
 
 
 # -- a home on the approximate layout ----------------------------------------------------------
