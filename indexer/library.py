@@ -113,14 +113,16 @@ class Library:
             if row is None:
                 return VectorIndex(dim=0)
             backbone_id, name, dim = row.id, row.name, row.dim
-            stored_ids = store.embedded_ids(session, backbone_id)
+            fingerprint = store.embedded_fingerprint(session, backbone_id)
         try:
             index = self._load_saved(name, dim, reuse)
         except IndexCorrupt as exc:
-            if len(stored_ids):
-                self.notify(f"index damaged or missing ({exc}); rebuilding from {len(stored_ids)} stored embeddings")
+            if fingerprint[0]:
+                self.notify(f"index damaged or missing ({exc}); rebuilding from {fingerprint[0]} stored embeddings")
             index = VectorIndex(dim)
-        changed = self.reconcile(index, backbone_id, stored_ids)
+        if store.ids_fingerprint(index.ids()) == fingerprint:
+            return index  # the same ids as the database: nothing to compare id by id
+        changed = self.reconcile(index, backbone_id)
         if changed and save_repairs:
             try:
                 with self.write_lock():

@@ -259,6 +259,29 @@ def embedded_ids(session: Session, backbone_id: int) -> np.ndarray:
     return np.fromiter(ids, dtype=np.int64)
 
 
+FINGERPRINT_MODULUS = 65521  # (id mod p)^2 summed stays far below 2^63 for 100M rows
+
+
+def embedded_fingerprint(session: Session, backbone_id: int) -> tuple[int, int, int]:
+    """(count, sum of ids, sum of (id mod p)^2) of the stored embeddings: one aggregate the
+    database computes from its index, where fetching a million ids costs a second or more.
+    An index whose ids give the same three numbers holds the same ids but for a contrived set."""
+    residue = EmbeddingRow.image_id % FINGERPRINT_MODULUS
+    count, total, squares = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(EmbeddingRow.image_id), 0),
+            func.coalesce(func.sum(residue * residue), 0),
+        ).where(EmbeddingRow.backbone_id == backbone_id)
+    ).one()
+    return int(count), int(total), int(squares)
+
+
+def ids_fingerprint(ids: np.ndarray) -> tuple[int, int, int]:
+    residue = np.asarray(ids, dtype=np.int64) % FINGERPRINT_MODULUS
+    return int(len(ids)), int(np.sum(ids, dtype=np.int64)), int(np.sum(residue * residue, dtype=np.int64))
+
+
 def iter_vectors(
     session: Session, backbone_id: int, ids: Iterable[int] | None = None, chunk: int = 2000, *, norms: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -217,23 +217,24 @@ class VectorIndex:
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         if self.ann is None:
             return self._flat_filtered(query, k, allowed)
-        flat_ids = self._flat_ids()
-        in_flat = allowed[_members(allowed, np.sort(flat_ids))] if len(flat_ids) else allowed[:0]
+        flat_ids = self._flat_ids()  # few: look them up in `allowed`, not the other way round
+        in_flat = np.sort(flat_ids[_members(flat_ids, allowed)]) if len(flat_ids) else allowed[:0]
         flat_hits = self._flat_subset(query, k + TIE_MARGIN, in_flat)
-        live = allowed[self._live_in_ann(allowed)]
-        if exact or len(live) <= EXACT_SCAN_MAX:
-            return _merge(flat_hits, self._exact_ann(query, k + TIE_MARGIN, live), k), "subset"
-        selectivity = len(live) / max(1, len(self.ann) - len(self.tombstones))
-        nprobe = filtered_nprobe(self.ann.nprobe, selectivity, self.ann.ivf.nlist)
-        bitmap = np.zeros(int(live[-1]) // 8 + 1, dtype=np.uint8)
-        bits = np.zeros(len(bitmap) * 8, dtype=bool)
-        bits[live] = True
-        bitmap[:] = np.packbits(bits, bitorder="little")
+        if exact or m <= EXACT_SCAN_MAX:
+            return _merge(flat_hits, self._exact_ann(query, k + TIE_MARGIN, allowed), k), "subset"
+        # A bitmap over ids, tombstones cleared: built in ~2 ms at 1M, where finding the allowed
+        # ids' rows in the store (to count the live ones exactly) took 30 ms for half of them.
+        bits = np.zeros(max(int(allowed[-1]), int(self.ann.store.ids[-1])) + 1, dtype=bool)
+        bits[allowed] = True
+        bits[self.tombstones] = False
+        bitmap = np.packbits(bits, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        nprobe = filtered_nprobe(self.ann.nprobe, m / n, self.ann.ivf.nlist)
         cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), nprobe, selector)
         ann_hits = _rerank_hits(self.ann, query, cand[0])
-        if len(ann_hits) < min(k, len(live)):
-            return _merge(flat_hits, self._exact_ann(query, k + TIE_MARGIN, live), k), "subset"
+        if len(ann_hits) < k:  # few of the allowed ids in the probed lists: score them all
+            exact_hits = self._exact_ann(query, k + TIE_MARGIN, allowed)
+            return _merge(flat_hits, exact_hits, k), "subset"
         return _merge(flat_hits, ann_hits, k), "ann-filtered"
 
     def _flat_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> list[Hit]:

@@ -1157,6 +1157,7 @@
         { className: "counts", "aria-label": "Images by status" },
         [
           ["indexed", "Indexed"],
+          ...(images.imported ? [["imported", "Imported"]] : []),
           ["failed", "Failed"],
           ["total", "Total"],
         ].map(([key, label]) =>
@@ -1170,6 +1171,17 @@
         ["Backbone", stats.backbone || "–"],
         ["Embedding dimension", stats.dimension ? String(stats.dimension) : "–"],
         ["Index type", index.type || "–"],
+        ["Search", index.exact === false ? "approximate, re-ranked exactly" : "exact"],
+        ...(index.exact === false
+          ? [
+              ["Lists probed", `${fmtNumber(index.nprobe)} of ${fmtNumber(index.nlist)}`],
+              ["Measured recall@10", `${Number(index.recall_at_10).toFixed(3)} (target ${index.recall_target}, ${index.recall_queries} sampled queries)`],
+              ["Waiting for compaction", `${fmtNumber(index.growing_segment ?? 0)} added, ${fmtNumber(index.tombstones ?? 0)} removed`],
+            ]
+          : index.switch_at
+            ? [["Approximate from", `${fmtNumber(index.switch_at)} vectors`]]
+            : []),
+        ["Index memory", fmtBytes(index.memory_bytes)],
         ["Metric", index.metric || "–"],
         ["Vectors", fmtNumber(index.vectors ?? 0)],
         ["Generation", String(index.generation ?? 0)],
