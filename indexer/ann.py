@@ -41,7 +41,7 @@ Notify = Callable[[str], None]
 def candidates_for(k: int) -> int:
     """Codes choose this many candidates for exact re-ranking: 4-bit PQ distances are coarse,
     and re-ranking 500 float16 rows costs ~1 ms, so many are cheap insurance."""
-    return max(500, 16 * k)
+    return max(500, 8 * k)
 
 
 def choose_nlist(n: int) -> int:

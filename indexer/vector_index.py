@@ -129,7 +129,13 @@ class VectorIndex:
         flat = self._flat_ids()
         if self.ann is None:
             return flat
-        return np.union1d(np.asarray(self.ann.store.ids)[~self._dead_rows], flat)
+        store_ids = self.ann.store.ids
+        live = np.asarray(store_ids)[~self._dead_rows] if len(self.tombstones) else np.array(store_ids)
+        if not len(flat):
+            return live
+        # Two sorted runs (the segment's ids, the few added since): a stable sort merges them in
+        # linear time, where union1d's full sort took 0.8 s at 1M. They are disjoint by design.
+        return np.sort(np.concatenate([live, np.sort(flat)]), kind="stable")
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -173,7 +179,7 @@ class VectorIndex:
             else:
                 selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones)) if len(self.tombstones) else None
                 cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), self.ann.nprobe, selector)
-                ann_hits = _rerank_hits(self.ann, query, cand[0])
+                ann_hits = _rerank_hits(self.ann, query, cand[0], k + TIE_MARGIN)
             out.append(_merge(flat, ann_hits, k))
         return out
 
@@ -231,7 +237,7 @@ class VectorIndex:
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         nprobe = filtered_nprobe(self.ann.nprobe, m / n, self.ann.ivf.nlist)
         cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), nprobe, selector)
-        ann_hits = _rerank_hits(self.ann, query, cand[0])
+        ann_hits = _rerank_hits(self.ann, query, cand[0], k + TIE_MARGIN)
         if len(ann_hits) < k:  # few of the allowed ids in the probed lists: score them all
             exact_hits = self._exact_ann(query, k + TIE_MARGIN, allowed)
             return _merge(flat_hits, exact_hits, k), "subset"
@@ -457,9 +463,9 @@ def filtered_nprobe(nprobe: int, selectivity: float, nlist: int) -> int:
     return int(min(nlist, np.ceil(nprobe / np.sqrt(max(selectivity, 1e-6)))))
 
 
-def _rerank_hits(ann: AnnSegment, query: np.ndarray, candidates: np.ndarray) -> list[Hit]:
+def _rerank_hits(ann: AnnSegment, query: np.ndarray, candidates: np.ndarray, k: int) -> list[Hit]:
     ids, scores = rerank(ann.store, query, candidates)
-    return [Hit(int(i), float(s)) for i, s in zip(ids, scores)]
+    return [Hit(int(i), float(s)) for i, s in zip(ids[:k], scores[:k])]
 
 
 def _merge(a: list[Hit], b: list[Hit], k: int) -> list[Hit]:
