@@ -25,6 +25,7 @@ Measured against a real `lookalike serve` over HTTP (one client, one query at a 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import subprocess
 import time
@@ -132,7 +133,12 @@ def add_selectivity_tags(home: Path, all_ids: np.ndarray, rng) -> dict[str, np.n
     with library.sessions.begin() as session:
         backbone = store.backbone_in_use(session)
         labels = [f"p{s * 100:g}" for s in SELECTIVITIES]
-        head = HeadRow(name="bench", kind="multilabel", backbone_id=backbone.id, labels=labels, weights=b"")
+        # Valid weights that tag nothing (bias -20): later imports run every head on their rows.
+        blob = io.BytesIO()
+        np.savez(
+            blob, weight=np.zeros((len(labels), backbone.dim), np.float32), bias=np.full(len(labels), -20.0, np.float32)
+        )
+        head = HeadRow(name="bench", kind="multilabel", backbone_id=backbone.id, labels=labels, weights=blob.getvalue())
         session.add(head)
         session.flush()
         for s, label in zip(SELECTIVITIES, labels):

@@ -234,7 +234,7 @@ def _write(library: Library, files, backbone_name: str, dim: int, total: int, re
                     rows = [_row(batch, i) for i in keep]
                     ids = np.asarray(store.write_images(session, rows, backbone_id, replaced), dtype=np.int64)
                     if len(ids) and heads:
-                        write_tags(session, heads, ids, batch.vectors[keep], batch.norms[keep])
+                        write_tags(session, heads, ids, batch.vectors[keep], batch.norms[keep], new_ids=True)
                     # The in-memory index follows at once; it is dropped below if the commit fails.
                     index.remove(replaced)
                     index.add(ids, batch.vectors[keep])

@@ -382,6 +382,7 @@ class _BatchWriter:
                     np.array([i for i, _ in tagged]),
                     np.stack([r.vector for _, r in tagged]),
                     np.array([np.nan if r.norm is None else r.norm for _, r in tagged], dtype=np.float32),
+                    new_ids=True,
                 )
             checkpoint("commit")
         checkpoint("committed")

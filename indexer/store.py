@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from indexer.errors import BackboneMismatch
@@ -194,9 +194,10 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
         first_id = (session.scalar(select(func.max(ImageRow.id))) or 0) + 1
     delete_images(session, replace_ids)
     now = utcnow()
+    # Core inserts, not ORM objects: 10k rows took 2.5 s as objects (a 10k-vector import's
+    # largest cost), a fraction of that as one executemany.
     rows = [
-        ImageRow(
-            id=None if first_id is None else first_id + position,
+        dict(
             path=item.path,
             size=item.size,
             mtime_ns=item.mtime_ns,
@@ -209,21 +210,31 @@ def write_images(session: Session, items: list[NewImage], backbone_id: int, repl
             error=_storable_text(item.error),
             indexed_at=now,
         )
-        for position, item in enumerate(items)
+        for item in items
     ]
-    session.add_all(rows)
-    session.flush()
-    session.add_all(
-        EmbeddingRow(
-            image_id=row.id,
+    if not rows:
+        return []
+    if first_id is not None:
+        ids = [first_id + position for position in range(len(rows))]
+        for row, image_id in zip(rows, ids):
+            row["id"] = image_id
+        session.execute(insert(ImageRow), rows)
+    else:
+        returning = insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True)
+        ids = list(session.scalars(returning, rows))
+    embeddings = [
+        dict(
+            image_id=image_id,
             backbone_id=backbone_id,
             vector=vector_to_bytes(item.vector),
             norm=None if item.norm is None else float(item.norm),
         )
-        for row, item in zip(rows, items)
+        for image_id, item in zip(ids, items)
         if item.vector is not None
-    )
-    return [row.id for row in rows]
+    ]
+    if embeddings:
+        session.execute(insert(EmbeddingRow), embeddings)
+    return ids
 
 
 def _storable_text(text: str | None) -> str | None:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
 
 from indexer.heads.model import BINARY, MULTICLASS
+
+
+def _skm():
+    """scikit-learn's metrics, imported when a head is evaluated: importing it costs 0.75 s that
+    every server start (at any collection size) would otherwise pay."""
+    from sklearn import metrics
+
+    return metrics
+
 
 # A threshold may not let through more than this many times the examples' positives, nor fewer
 # than 1/this: outside that band the count alone caps precision or recall at 1/MAX_RATE.
@@ -29,7 +37,7 @@ def tune_threshold(
     positives = int(y_true.sum())
     if positives == 0 or positives == len(y_true):
         return 0.5
-    precision, recall, thresholds = skm.precision_recall_curve(y_true, probs)
+    precision, recall, thresholds = _skm().precision_recall_curve(y_true, probs)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     predicted = len(probs) - np.searchsorted(np.sort(probs), thresholds, side="left")  # count of probs >= t
     in_band = predicted <= max_rate * positives
@@ -127,15 +135,15 @@ def _multiclass(labels, y_true, probs) -> dict:
     y_true = np.asarray(y_true)
     pred = probs.argmax(axis=1)
     classes = list(range(len(labels)))
-    matrix = skm.confusion_matrix(y_true, pred, labels=classes)
+    matrix = _skm().confusion_matrix(y_true, pred, labels=classes)
     n = int(len(y_true))
     support = np.bincount(y_true, minlength=len(labels))
     return {
         "n": n,
         "smallest_class": int(support.min()) if len(support) else 0,
-        "accuracy": float(skm.accuracy_score(y_true, pred)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, pred)),
-        "macro_f1": float(skm.f1_score(y_true, pred, average="macro", labels=classes)),
+        "accuracy": float(_skm().accuracy_score(y_true, pred)),
+        "balanced_accuracy": float(_skm().balanced_accuracy_score(y_true, pred)),
+        "macro_f1": float(_skm().f1_score(y_true, pred, average="macro", labels=classes)),
         "ci95": {
             "accuracy": wilson(int((pred == y_true).sum()), n),
             "balanced_accuracy": _multiclass_bootstrap(y_true, pred, len(labels)),
@@ -167,7 +175,7 @@ def _binary(labels, y_true, p_pos, threshold) -> dict:
     y_true = np.asarray(y_true).astype(int)
     pred = (p_pos >= threshold).astype(int)
     both = len(np.unique(y_true)) == 2
-    precision, recall, _ = skm.precision_recall_curve(y_true, p_pos) if both else ([], [], [])
+    precision, recall, _ = _skm().precision_recall_curve(y_true, p_pos) if both else ([], [], [])
     tp = int((pred & y_true).sum())
     fp = int((pred & (1 - y_true)).sum())
     fn = int(((1 - pred) & y_true).sum())
@@ -177,12 +185,12 @@ def _binary(labels, y_true, p_pos, threshold) -> dict:
         "positives": positives,
         "positive": labels[1],
         "threshold": float(threshold),
-        "accuracy": float(skm.accuracy_score(y_true, pred)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, pred)) if both else None,
-        "roc_auc": float(skm.roc_auc_score(y_true, p_pos)) if both else None,
-        "precision": float(skm.precision_score(y_true, pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, pred, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, pred, zero_division=0)),
+        "accuracy": float(_skm().accuracy_score(y_true, pred)),
+        "balanced_accuracy": float(_skm().balanced_accuracy_score(y_true, pred)) if both else None,
+        "roc_auc": float(_skm().roc_auc_score(y_true, p_pos)) if both else None,
+        "precision": float(_skm().precision_score(y_true, pred, zero_division=0)),
+        "recall": float(_skm().recall_score(y_true, pred, zero_division=0)),
+        "f1": float(_skm().f1_score(y_true, pred, zero_division=0)),
         "predicted_positive_rate": float(pred.mean()) if n else None,
         "true_positive_rate_in_examples": float(positives / n) if n else None,
         "ci95": {
@@ -191,7 +199,7 @@ def _binary(labels, y_true, p_pos, threshold) -> dict:
             "recall": wilson(tp, tp + fn),
             **_binary_bootstrap(y_true, pred),
         },
-        "confusion_matrix": skm.confusion_matrix(y_true, pred, labels=[0, 1]).tolist(),
+        "confusion_matrix": _skm().confusion_matrix(y_true, pred, labels=[0, 1]).tolist(),
         "chance_accuracy": float(max(y_true.mean(), 1 - y_true.mean())),
         "curves": {labels[1]: {"precision": list(map(float, precision)), "recall": list(map(float, recall))}},
     }
@@ -214,16 +222,16 @@ def _multilabel(labels, y_true, probs, thresholds) -> dict:
     for j, label in enumerate(labels):
         if y_true[:, j].sum() == 0:
             continue  # AP is undefined without a positive
-        per_label[label] = float(skm.average_precision_score(y_true[:, j], probs[:, j]))
-        precision, recall, _ = skm.precision_recall_curve(y_true[:, j], probs[:, j])
+        per_label[label] = float(_skm().average_precision_score(y_true[:, j], probs[:, j]))
+        precision, recall, _ = _skm().precision_recall_curve(y_true[:, j], probs[:, j])
         curves[label] = {"precision": list(map(float, precision)), "recall": list(map(float, recall))}
     return {
         "n": int(len(y_true)),
         "positives": {label: int(y_true[:, j].sum()) for j, label in enumerate(labels)},
         "ap": per_label,
         "map": float(np.mean(list(per_label.values()))) if per_label else None,
-        "micro_f1": float(skm.f1_score(y_true, pred, average="micro", zero_division=0)),
-        "macro_f1": float(skm.f1_score(y_true, pred, average="macro", zero_division=0)),
+        "micro_f1": float(_skm().f1_score(y_true, pred, average="micro", zero_division=0)),
+        "macro_f1": float(_skm().f1_score(y_true, pred, average="macro", zero_division=0)),
         "ci95": _multilabel_bootstrap(y_true, probs, pred) if len(y_true) else {},
         "chance_map": float(y_true.mean(axis=0)[y_true.sum(axis=0) > 0].mean()) if y_true.any() else None,
         "curves": curves,

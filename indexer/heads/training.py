@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from indexer.errors import LookalikeError
 from indexer.heads.metrics import balanced_threshold, evaluate, tune_threshold
@@ -202,6 +201,8 @@ def _stratify_key(kind: str, y: np.ndarray) -> np.ndarray:
 
 
 def _split(kind: str, y: np.ndarray, options: TrainOptions) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split  # here, not at import: see metrics._skm
+
     idx = np.arange(len(y))
     key = _stratify_key(kind, y)
     _, counts = np.unique(key, return_counts=True)
@@ -220,6 +221,8 @@ def _split(kind: str, y: np.ndarray, options: TrainOptions) -> tuple[np.ndarray,
 
 
 def _cross_validate(kind, n_out, x, y, options, n_folds):
+    from sklearn.model_selection import StratifiedKFold
+
     key = _stratify_key(kind, y)
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=options.seed)
     probs = np.zeros((len(y), n_out), dtype=np.float32)
@@ -253,6 +256,7 @@ def _binary_cross_validated(x, y, options, n_folds):
     all-zero start."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(y).astype(int)
     mean, scale = _standardisation(x)
