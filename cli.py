@@ -283,8 +283,18 @@ def stats(
         f"{images['total']} total",
         f"backbone    {info['backbone'] or '-'} (dimension {info['dimension'] or '-'})",
         f"index       {idx['type'] or '-'}, {idx['metric'] or '-'}, {idx['vectors']} vectors, "
-        f"generation {idx['generation']}, {idx['bytes'] / 1e6:.1f} MB on disk",
+        f"generation {idx['generation']}, {idx['bytes'] / 1e6:.1f} MB on disk, "
+        f"{idx['memory_bytes'] / 1e6:.1f} MB in memory",
     ]
+    if idx.get("exact") is False:
+        lines.append(
+            f"search      approximate: {idx['nprobe']} of {idx['nlist']} lists probed, candidates re-ranked exactly; "
+            f"measured recall@10 {idx['recall_at_10']:.3f} (target {idx['recall_target']}, "
+            f"{idx['recall_queries']} sampled queries); {idx['growing_segment']} added and {idx['tombstones']} "
+            "removed since the last compaction"
+        )
+    elif idx.get("switch_at"):
+        lines.append(f"search      exact; approximate from {idx['switch_at']} vectors on")
     out.print("\n".join(lines), markup=False)
     for failure in info["failures"]:
         out.print(f"failed      {failure['path']}: {failure['reason']}", markup=False)

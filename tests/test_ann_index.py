@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from faults.faultlib import base_env, db_invariants, run_cli
+from sqlalchemy import select
 from test_import import BACKBONE, DIM, catalogue_paths, write_parquet
 
 import databases
@@ -25,6 +26,7 @@ from conftest import assert_index_matches_db
 from indexer import index_maintenance
 from indexer import vector_index as vi
 from indexer.library import Library
+from indexer.models import ImageRow
 from indexer.settings import Settings
 from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
 from live_server import running_server
@@ -236,6 +238,8 @@ def test_a_home_switches_at_its_threshold_and_serves_approximate_and_exact(tmp_p
     proc = run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env)
     assert proc.returncode == 0, proc.stderr
     assert "building an approximate index" in proc.stderr
+    stats = run_cli(["stats", "--home", str(home)], env)
+    assert stats.returncode == 0 and "measured recall@10" in stats.stdout + stats.stderr
     settings = databases.home_settings(home, model_cache=model_cache, ann_threshold=2000, compact_at=150)
     with TestClient(create_app(settings)) as client:
         stats = client.get("/stats").json()["index"]
@@ -333,3 +337,34 @@ def test_a_server_answers_while_the_index_is_rebuilt_and_swapped(tmp_path, model
         assert client.get("/health").json()["images"] == 2600
     assert os.path.exists(home / "index" / "index.json")
     assert BACKBONE and db_invariants(home) == 2600
+
+
+@pytest.mark.storage
+def test_backup_and_restore_carry_the_approximate_index(tmp_path, model_cache):
+    """The backup holds the segment's files beside the database; a restore into a fresh home
+    serves the same approximate index, verified against the restored rows."""
+    home, fresh = tmp_path / "home", tmp_path / "fresh"
+    env = base_env(home, model_cache, **SMALL_ANN)
+    assert run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env).returncode == 0
+    assert run_cli(["import", str(catalogue(tmp_path, 40, 1, "b")), "--home", str(home), "-q"], env).returncode == 0
+    backup = tmp_path / "backup"
+    proc = run_cli(["backup", str(backup), "--home", str(home)], env)
+    assert proc.returncode == 0, proc.stderr
+    saved = read_manifest(backup / "index")
+    assert saved["layout"] == "ann" and saved["count"] == N_HOME + 40 and saved["file_count"] == 40
+    proc = run_cli(["restore", str(backup), "--home", str(fresh)], base_env(fresh, model_cache, **SMALL_ANN))
+    assert proc.returncode == 0, proc.stderr
+    before, after = library_at(home, model_cache), library_at(fresh, model_cache)
+    try:
+        assert after.index().layout == "ann" and len(after.index()) == N_HOME + 40
+        assert_index_matches_db(after)
+        by_path = {}
+        for library in (before, after):
+            with library.sessions() as session:
+                rows = dict(session.execute(select(ImageRow.id, ImageRow.path)).all())
+            query = clustered(5, DIM, seed=42)
+            by_path[library] = [[rows[h.id] for h in hits] for hits in library.index().search(query, K)]
+        assert by_path[before] == by_path[after]
+    finally:
+        before.close()
+        after.close()
