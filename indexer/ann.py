@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from indexer.faults import checkpoint
-from indexer.vector_store import Float16Store, open_store, sampled_digest, write_store
+from indexer.vector_store import Float16Store, fsync_path, open_store, sampled_digest, write_store
 
 DEFAULT_RECALL_TARGET = 0.98
 RECALL_QUERIES = 200  # sampled stored vectors used as queries when tuning and measuring recall
@@ -97,11 +97,7 @@ def write_ivf(ivf: faiss.Index, path: Path) -> dict:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         faiss.write_index(ivf, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

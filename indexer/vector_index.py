@@ -25,7 +25,7 @@ import numpy as np
 from indexer.ann import AnnSegment, candidates_for, open_segment, rerank
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
-from indexer.vector_store import SCAN_CHUNK
+from indexer.vector_store import SCAN_CHUNK, fsync_path
 
 MANIFEST = "index.json"
 INDEX_TYPE = "IDMap2,Flat"
@@ -436,9 +436,9 @@ def _place_segment(ann: AnnSegment, folder: Path) -> None:
             os.link(ann.folder / name, tmp)
         except OSError:
             shutil.copyfile(ann.folder / name, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(tmp)
         os.replace(tmp, target)
+    fsync_path(folder)
 
 
 def _read_tombstones(folder: Path, record: dict) -> np.ndarray:
@@ -501,11 +501,7 @@ def _atomic_write(path: Path, data: bytes, fault: str = "") -> None:
             pass
         raise
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(path.parent)
 
 
 def _remove_stale(folder: Path, manifest: dict) -> None:

@@ -123,10 +123,10 @@ def write_store(folder: Path, name: str, chunks: Iterator[tuple[np.ndarray, np.n
         faiss.write_index(codes, str(tmp_vec))
         del codes
         for tmp in (tmp_ids, tmp_vec):
-            _fsync_file(tmp)
+            fsync_path(tmp)
         os.replace(tmp_ids, ids_path)
         os.replace(tmp_vec, vec_path)
-        _fsync_dir(folder)
+        fsync_path(folder)
     except BaseException:
         for tmp in (tmp_ids, tmp_vec):
             tmp.unlink(missing_ok=True)
@@ -178,16 +178,9 @@ def sampled_digest(path: Path, blocks: int = 64, block_bytes: int = 65536) -> st
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file written by someone else (FAISS, numpy), or a folder after a rename in it."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
