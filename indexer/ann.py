@@ -1,16 +1,16 @@
-"""The approximate segment for large collections: IVF lists of 8-bit scalar-quantised codes,
-candidates re-ranked exactly from the float16 vector store.
+"""The approximate segment for large collections: IVF lists of 4-bit product-quantised
+fast-scan codes, candidates re-ranked exactly from the float16 vector store.
 
-Why this index (bench/ann_options.py measures the options; README "Approximate index"):
-- IVF-SQ8 keeps 1.3 kB a 1280-d vector in memory (a quarter of float32), trains in one k-means
-  and adds vectors without re-training, so new images fold in cheaply.
-- Re-ranking the candidates with the stored vectors makes the final order exact: the codes only
-  choose candidates, they never decide scores.
-- `nlist` follows the FAISS guideline of a few times sqrt(N) lists, with at least 39 training
-  points a list; `nprobe` is the smallest that reaches the recall target on sampled queries
-  checked against exact search over the same stored vectors, and that recall is recorded.
-- PQ codes (smaller) and HNSW (faster at 1M, but 1.3x the float32 bytes for its graph and slow
-  to build on two cores) are the options for 10M+ or for spare memory; see the capacity table.
+Why this index (bench/ann_options.py measures the options; README "Large collections"):
+- IVF-PQ fast-scan keeps 128 bytes a 1280-d vector in memory (1/40 of float32); FAISS scans the
+  codes with SIMD look-up tables, and new vectors are encoded without re-training.
+- Re-ranking at least 500 candidates with the stored vectors makes the final order exact: the
+  codes only choose candidates, they never decide scores. With 40 candidates, 8-bit PQ topped out
+  below the recall target; IVF-SQ8 reached it but 4x slower.
+- `nlist` follows the FAISS guideline of about 4*sqrt(N) lists, with at least 39 training points
+  a list; `nprobe` is the smallest that reaches the recall target on sampled queries checked
+  against exact search over the same stored vectors, and that recall is recorded.
+- HNSW was slower at equal recall here and 40x the codes' bytes; see the README's tables.
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ class AnnSegment:
     folder: Path | None = None  # where its files are
 
     def files(self) -> list[str]:
-        store = self.params["store"]
-        return [self.params["ivf_file"], store["ids_file"], store["vectors_file"]]
+        return segment_files(self.params)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -91,6 +90,12 @@ class AnnSegment:
 
     def memory_bytes(self) -> int:
         return int(self.ivf.ntotal * (self.ivf.code_size + 8) + self.ivf.nlist * self.ivf.d * 4)
+
+
+def segment_files(params: dict) -> list[str]:
+    """The files a segment's manifest entry names: its lists, its store's ids and vectors."""
+    store = params.get("store") or {}
+    return [name for name in (params.get("ivf_file"), store.get("ids_file"), store.get("vectors_file")) if name]
 
 
 def write_ivf(ivf: faiss.Index, path: Path) -> dict:
@@ -175,10 +180,8 @@ def compact_segment(
         ivf.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
     if ivf.ntotal != count:
         raise ValueError(f"compaction produced {ivf.ntotal} codes for {count} vectors")
-    segment = _finish(
-        folder, name, ivf, store, store_record, old.params.get("trained_for", count), recall_target, started, say
-    )
-    return segment
+    trained_for = old.params.get("trained_for", count)
+    return _finish(folder, name, ivf, store, store_record, trained_for, recall_target, started, say)
 
 
 def _finish(folder, name, ivf, store, store_record, trained_for, recall_target, started, say) -> AnnSegment:
@@ -194,6 +197,7 @@ def _finish(folder, name, ivf, store, store_record, trained_for, recall_target, 
         "recall_queries": min(RECALL_QUERIES, len(store)),
         "trained_for": int(trained_for),
         "build_seconds": round(time.perf_counter() - started, 1),
+        "memory_bytes": segment.memory_bytes(),
         "store": store_record,
         **files,
     }

@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from indexer import store
 from indexer.library import Library
-from indexer.vector_index import read_manifest
+from indexer.vector_index import describe, manifest_files, read_manifest
 
 
 def collect_stats(library: Library) -> dict:
@@ -17,10 +17,7 @@ def collect_stats(library: Library) -> dict:
         backbone = store.backbone_in_use(session)
         failed = store.failures(session, limit=50)
     manifest = read_manifest(library.index_dir) or {}
-    ann = manifest.get("ann") or {}
-    files = [manifest.get("file"), (manifest.get("tombstones") or {}).get("file"), ann.get("ivf_file")]
-    files += [(ann.get("store") or {}).get(key) for key in ("ids_file", "vectors_file")]
-    index_bytes = sum(_size(library.index_dir / name) for name in files if name)
+    index_bytes = sum(_size(library.index_dir / name) for name in manifest_files(manifest))
     return {
         "home": str(library.home),
         "database": library.engine.url.render_as_string(hide_password=True),
@@ -33,8 +30,6 @@ def collect_stats(library: Library) -> dict:
         "backbone": backbone.name if backbone else None,
         "dimension": backbone.dim if backbone else None,
         "index": {
-            "type": manifest.get("index_type"),
-            "layout": manifest.get("layout", "exact"),
             "metric": manifest.get("metric"),
             "vectors": manifest.get("count", 0),
             "generation": manifest.get("generation", 0),
@@ -43,32 +38,10 @@ def collect_stats(library: Library) -> dict:
             # as queries against exact search, measured at each build and compaction), and what
             # it keeps in memory; the growing segment and tombstones wait for compaction.
             "switch_at": library.settings.ann_threshold or None,
-            **_approximate(manifest, ann),
+            **describe(manifest),
         },
         "database_bytes": _database_bytes(library),
         "failures": [{"path": path, "reason": reason} for path, reason in failed],
-    }
-
-
-def _approximate(manifest: dict, ann: dict) -> dict:
-    dim, growing = manifest.get("dim") or 0, manifest.get("file_count", manifest.get("count", 0))
-    flat_bytes = growing * (dim * 4 + 8)
-    if not ann:
-        return {"exact": True, "memory_bytes": flat_bytes}
-    nlist, segment = ann.get("nlist", 0), (ann.get("store") or {}).get("count", 0)
-    return {
-        # codes (one byte a dimension) and ids, the coarse centroids, the growing segment
-        "memory_bytes": segment * (dim + 8) + nlist * dim * 4 + flat_bytes,
-        "exact": False,
-        "nlist": nlist,
-        "nprobe": ann.get("nprobe"),
-        "recall_at_10": ann.get("recall_at_10"),
-        "recall_target": ann.get("recall_target"),
-        "recall_queries": ann.get("recall_queries"),
-        "growing_segment": manifest.get("file_count", 0),
-        "tombstones": (manifest.get("tombstones") or {}).get("count", 0),
-        "segment_vectors": (ann.get("store") or {}).get("count", 0),
-        "build_seconds": ann.get("build_seconds"),
     }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.ann import AnnSegment, candidates_for, open_segment, rerank
+from indexer.ann import AnnSegment, candidates_for, open_segment, rerank, segment_files
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
 from indexer.vector_store import SCAN_CHUNK, fsync_path
@@ -311,28 +311,6 @@ class VectorIndex:
         flat = faiss.downcast_index(self._index.index)
         return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
 
-    def describe(self) -> dict:
-        """Type, parameters, memory and measured recall: what stats and the page show."""
-        flat_bytes = int(self._index.ntotal) * (self.dim * 4 + 8)
-        if self.ann is None:
-            return {"type": INDEX_TYPE, "exact": True, "vectors": len(self), "memory_bytes": flat_bytes}
-        p = self.ann.params
-        return {
-            "type": p["kind"],
-            "exact": False,
-            "vectors": len(self),
-            "nlist": p["nlist"],
-            "nprobe": p["nprobe"],
-            "recall_at_10": p["recall_at_10"],
-            "recall_target": p["recall_target"],
-            "recall_queries": p["recall_queries"],
-            "growing_segment": int(self._index.ntotal),
-            "tombstones": int(len(self.tombstones)),
-            "memory_bytes": self.ann.memory_bytes() + flat_bytes,
-            "store_bytes": self.ann.store.resident_bytes(),
-            "build_seconds": p.get("build_seconds"),
-        }
-
     # -- persistence -------------------------------------------------------------------------
 
     def save(self, folder: Path, backbone: str) -> Path:
@@ -504,16 +482,43 @@ def _atomic_write(path: Path, data: bytes, fault: str = "") -> None:
     fsync_path(path.parent)
 
 
+def manifest_files(manifest: dict) -> set[str]:
+    """Every file a manifest names: the index or growing segment, the tombstones, the segment's."""
+    names = {manifest.get("file"), (manifest.get("tombstones") or {}).get("file")}
+    names.update(segment_files(manifest.get("ann") or {}))
+    return {name for name in names if name}
+
+
+def describe(manifest: dict) -> dict:
+    """The saved index as stats and the page show it: type, layout, memory and, for the
+    approximate layout, its lists, probe, measured recall and what waits for compaction."""
+    dim = manifest.get("dim") or 0
+    growing = manifest.get("file_count", manifest.get("count", 0))
+    flat_bytes = growing * (dim * 4 + 8)  # float32 vectors and their ids
+    ann = manifest.get("ann") or {}
+    kind = {"type": manifest.get("index_type"), "layout": manifest.get("layout", "exact")}
+    if not ann:
+        return {**kind, "exact": True, "memory_bytes": flat_bytes}
+    return {
+        **kind,
+        "exact": False,
+        "memory_bytes": ann.get("memory_bytes", 0) + flat_bytes,
+        "nlist": ann.get("nlist", 0),
+        "nprobe": ann.get("nprobe"),
+        "recall_at_10": ann.get("recall_at_10"),
+        "recall_target": ann.get("recall_target"),
+        "recall_queries": ann.get("recall_queries"),
+        "growing_segment": growing,
+        "tombstones": (manifest.get("tombstones") or {}).get("count", 0),
+        "segment_vectors": (ann.get("store") or {}).get("count", 0),
+        "build_seconds": ann.get("build_seconds"),
+    }
+
+
 def _remove_stale(folder: Path, manifest: dict) -> None:
     """Files the manifest no longer names (older generations, replaced segments) and temporary
     files left by interrupted saves or builds."""
-    keep = {manifest.get("file"), (manifest.get("tombstones") or {}).get("file")}
-    ann = manifest.get("ann") or {}
-    keep |= {
-        ann.get("ivf_file"),
-        (ann.get("store") or {}).get("ids_file"),
-        (ann.get("store") or {}).get("vectors_file"),
-    }
+    keep = manifest_files(manifest)
     for item in folder.iterdir():
         ours = item.name.startswith(("vectors-", "growing-", "tombstones-", "segment-"))
         if (ours and item.name not in keep) or ".tmp" in item.name:

@@ -85,9 +85,6 @@ class Float16Store:
         for start in range(0, len(self), chunk):
             yield np.asarray(self.ids[start : start + chunk]), self.vectors[start : start + chunk].astype(np.float32)
 
-    def resident_bytes(self) -> int:
-        return int(self.ids.nbytes + self.vectors.nbytes)
-
 
 def store_files(folder: Path, name: str) -> tuple[Path, Path]:
     return folder / f"{name}.ids.npy", folder / f"{name}.sq"

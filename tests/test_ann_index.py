@@ -74,7 +74,7 @@ def built(tmp_path_factory):
 def test_the_switch_builds_an_ivf_index_whose_recall_is_measured_and_holds(built):
     folder, ids, x, index, _ = built
     assert index.layout == "ann" and len(index) == 5000 and index.growing == 0
-    info = index.describe()
+    info = vi.describe(read_manifest(folder))
     assert info["type"].startswith("IVF") and info["type"].endswith("x4fs+rerank")
     assert info["nlist"] == index_maintenance.build_segment.__globals__["choose_nlist"](5000)
     assert info["recall_at_10"] >= 0.98 or info["nprobe"] == info["nlist"]
