@@ -27,6 +27,7 @@ class SearchResult:
     score: float
     tags: list[dict] = field(default_factory=list)
     near_duplicate: bool = False  # a resized or re-encoded copy of the query: ranked first
+    has_file: bool = True  # False for an imported row, whose file and thumbnail are elsewhere
 
 
 @dataclass
@@ -39,7 +40,14 @@ class SearchResponse:
     def to_json(self) -> dict:
         return {
             "results": [
-                {"id": r.id, "path": r.path, "score": r.score, "near_duplicate": r.near_duplicate, "tags": r.tags}
+                {
+                    "id": r.id,
+                    "path": r.path,
+                    "score": r.score,
+                    "near_duplicate": r.near_duplicate,
+                    "has_file": r.has_file,
+                    "tags": r.tags,
+                }
                 for r in self.results
             ],
             "took_ms": round(self.took_ms, 3),
@@ -122,7 +130,8 @@ def _ranked(
         chosen = [hits[r.position] for r in ranked]
         tags = tags_of(session, [h.id for h in chosen])
     results = [
-        SearchResult(h.id, rows[h.id].path, h.score, tags[h.id], r.near_duplicate) for h, r in zip(chosen, ranked)
+        SearchResult(h.id, rows[h.id].path, h.score, tags[h.id], r.near_duplicate, rows[h.id].has_file)
+        for h, r in zip(chosen, ranked)
     ]
     timings["rerank_ms"] = (time.perf_counter() - t1) * 1000
     return SearchResponse(results, (time.perf_counter() - started) * 1000, timings, strategy)

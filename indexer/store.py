@@ -365,10 +365,11 @@ class Candidate:
 
     path: str
     signature: bytes | None
+    has_file: bool  # False for an imported row: its file lives on another host
 
 
 # One statement, compiled once: an expanding IN takes any list without building a new query.
-_CANDIDATES = select(ImageRow.id, ImageRow.path, ImageRow.signature).where(
+_CANDIDATES = select(ImageRow.id, ImageRow.path, ImageRow.signature, ImageRow.status).where(
     ImageRow.id.in_(bindparam("ids", expanding=True))
 )
 
@@ -377,8 +378,8 @@ def search_candidates(session: Session, ids: Iterable[int]) -> dict[int, Candida
     """Path and signature by id for a search's few dozen hits: 0.3 ms against 0.5 for ORM rows."""
     found: dict[int, Candidate] = {}
     for chunk in chunks([int(i) for i in ids if id_fits(int(i))]):
-        for image_id, path, signature in session.execute(_CANDIDATES, {"ids": chunk}):
-            found[image_id] = Candidate(path, signature)
+        for image_id, path, signature, status in session.execute(_CANDIDATES, {"ids": chunk}):
+            found[image_id] = Candidate(path, signature, status != STATUS_IMPORTED)
     return found
 
 

@@ -20,6 +20,11 @@ class ResultOut(BaseModel):
     near_duplicate: bool = Field(
         description="A resized or re-encoded copy of the query (same 16x16 pixel layout); these come first"
     )
+    has_file: bool = Field(
+        True,
+        description="False for an image imported as a precomputed embedding: its file is on another host,"
+        " so its /file and /thumbnail answer 404",
+    )
     tags: list[TagOut]
 
 

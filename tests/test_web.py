@@ -21,6 +21,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -28,9 +30,11 @@ from sqlalchemy import select
 
 import databases
 from conftest import REPO, SAMPLES
+from indexer.export import export_embeddings
 from indexer.heads import labels as label_io
 from indexer.heads.training import TrainOptions
 from indexer.heads.workflow import train
+from indexer.importer import import_embeddings
 from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.pipeline import index_folders
@@ -685,3 +689,89 @@ def test_api_key_prompt_session_storage_and_blob_images(browser, keyed_server, h
         fresh.close()
     assert watch.errors == [] and watch.foreign == []
     assert all("401" in message for message in watch.console_errors), watch.console_errors
+
+
+# -- a catalogue whose files live elsewhere -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_server(home, tmp_path_factory) -> Iterator[tuple[str, set[int], list[int]]]:
+    """A home with 8 photos indexed here and the embeddings of 6 others imported under paths that
+    are not on this machine (the module home's own, exported); yields (server, imported ids,
+    indexed ids)."""
+    root = tmp_path_factory.mktemp("web-mixed")
+    photos = sorted(p for p in home.photos.rglob("*.jpg") if p != home.corrupt)
+    local = root / "photos"
+    local.mkdir()
+    for path in photos[:8]:
+        shutil.copy2(path, local / path.name)
+    source = Library(home.settings)
+    try:
+        export_embeddings(source, root / "all.parquet")
+    finally:
+        source.close()
+    table = pq.read_table(root / "all.parquet")
+    keep = [i for i, p in enumerate(table.column("path").to_pylist()) if p in {str(q) for q in photos[8:14]}]
+    assert len(keep) == 6
+    table = table.take(keep)
+    remote = [f"/elsewhere/catalogue/{Path(p).name}" for p in table.column("path").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("path"), "path", pa.array(remote, pa.string()))
+    pq.write_table(table, root / "remote.parquet")
+
+    settings = Settings(home=root / "home", model_cache=home.settings.model_cache)
+    library = Library(settings)
+    try:
+        assert index_folders(library, [str(local)]).added == 8
+        assert import_embeddings(library, [root / "remote.parquet"]).added == 6
+        with library.sessions() as session:
+            rows = list(session.scalars(select(ImageRow)))
+        imported = {row.id for row in rows if row.status == "imported"}
+        indexed = sorted(row.id for row in rows if row.status == "indexed")
+    finally:
+        library.close()
+    with running_server(settings.home, model_cache=settings.model_cache, log=root / "serve.log") as base:
+        yield base, imported, indexed
+
+
+def test_imported_rows_show_a_labelled_tile_and_fetch_no_file(browser, mixed_server, shots):
+    base, imported, indexed = mixed_server
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    watch = Watched(page, base)  # a thumbnail asked for and refused would be a console error
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(urlsplit(request.url).path))
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            local_id = indexed[0]
+            answer = similar_answer(http, local_id)
+            assert {r["id"] for r in answer["results"] if not r["has_file"]} == imported
+            assert http.get(f"/images/{min(imported)}/thumbnail").status_code == 404
+        page.goto(f"{base}/?similar={local_id}")
+        wait_for_grid(page, ids_of(answer))
+        tiles = page.eval_on_selector_all(
+            "#results > li.card",
+            "items => items.map(li => [Number(li.dataset.id),"
+            " li.querySelector('.card-open').classList.contains('no-preview'),"
+            " li.querySelector('.card-open').dataset.note || ''])",
+        )
+        for image_id, no_preview, note in tiles:
+            assert no_preview == (image_id in imported), (image_id, note)
+            assert ("another host" in note) == (image_id in imported), note
+        wait_for_images(page, "#results .card-open:not(.no-preview) img")
+        snap(page, shots, "09-imported-rows", full_page=False)
+
+        # Its details: the note instead of the original, no link to a file that is not here.
+        position = next(i for i, r in enumerate(answer["results"]) if r["id"] in imported)
+        page.locator("#results > li.card").nth(position).locator(".card-open").click()
+        page.locator("#detail").wait_for(state="visible")
+        figure = page.locator(".detail-figure")
+        assert "no-preview" in (figure.get_attribute("class") or "")
+        assert "another host" in (figure.get_attribute("data-note") or "")
+        assert not page.locator("#detail-file").is_visible()
+        page.wait_for_function("() => document.querySelectorAll('#detail-similar > li.card').length > 0")
+    finally:
+        context.close()
+    watch.check()
+    wanted = {f"/images/{i}/{what}" for i in imported for what in ("thumbnail", "file")}
+    assert not wanted.intersection(asked), sorted(wanted.intersection(asked))

@@ -235,9 +235,33 @@
   }
 
   // cache=false: large originals, one at a time; the previous blob of that <img> is released.
+  // A thumbnail that cannot be shown (an imported row whose file lives on another host, a file
+  // deleted since indexing) leaves a labelled tile instead of a blank square.
+  const NO_FILE_NOTE = "Imported: the file is on another host";
+
+  function markBroken(img, note = "No preview") {
+    img.classList.add("broken");
+    if (img.parentElement) {
+      img.parentElement.classList.add("no-preview");
+      img.parentElement.dataset.note = note;
+    }
+  }
+
+  // Search results say which rows have no file here; asking for their thumbnails would only 404.
+  function setThumbnail(img, result) {
+    if (result.has_file === false) {
+      img.dataset.src = "";
+      img.removeAttribute("src");
+      queueMicrotask(() => markBroken(img, NO_FILE_NOTE)); // once the card holds it
+    } else {
+      setImage(img, `/images/${result.id}/thumbnail`);
+    }
+  }
+
   function setImage(img, url, { cache = true } = {}) {
     img.dataset.src = url;
     img.classList.remove("broken");
+    img.parentElement?.classList.remove("no-preview");
     if (img.dataset.ownBlob) {
       URL.revokeObjectURL(img.dataset.ownBlob);
       delete img.dataset.ownBlob;
@@ -253,16 +277,16 @@
           if (!cache) img.dataset.ownBlob = objectUrl;
           img.src = objectUrl;
         },
-        () => img.classList.add("broken"),
+        () => markBroken(img),
       );
     };
     if (getKey()) {
-      img.onerror = () => img.classList.add("broken");
+      img.onerror = () => markBroken(img);
       viaBlob();
     } else {
       // Without a key a refused image is retried through request(), which asks for one.
       img.onerror = () => {
-        img.onerror = () => img.classList.add("broken");
+        img.onerror = () => markBroken(img);
         if (img.dataset.src === url) viaBlob();
       };
       img.src = url;
@@ -465,7 +489,7 @@
     // Near-duplicates (resized or re-encoded copies of the query) come first; the server marks them.
     const badge = result.score >= 0.9999 ? "same image" : result.near_duplicate ? "copy" : null;
     const img = el("img", { alt: altText(name, result.tags), loading: "lazy", decoding: "async", width: 256, height: 256 });
-    setImage(img, `/images/${result.id}/thumbnail`);
+    setThumbnail(img, result);
     const open = el(
       "button",
       {
@@ -825,8 +849,18 @@
     dialog.dataset.id = detailId;
     const img = $("#detail-img");
     img.alt = altText(name, result && result.tags);
-    setImage(img, `/images/${id}/file`, { cache: false });
     const link = $("#detail-file");
+    const figure = img.parentElement;
+    const noFile = () => {
+      img.dataset.src = "";
+      img.removeAttribute("src");
+      markBroken(img, NO_FILE_NOTE);
+      link.hidden = true;
+    };
+    figure.classList.remove("no-preview");
+    link.hidden = false;
+    if (result && result.has_file === false) noFile();
+    else setImage(img, `/images/${id}/file`, { cache: false });
     link.href = `/images/${id}/file`;
     $("#detail-meta").replaceChildren(el("dd", { className: "muted", text: "Loading…" }));
     $("#detail-tags").replaceChildren(result ? tagTable(result.tags) : el("p", { className: "muted", text: "Loading…" }));
@@ -834,7 +868,7 @@
     if (!dialog.open) dialog.showModal();
     dialog.scrollTop = 0;
 
-    if (getKey()) {
+    if (getKey() && !link.hidden) {
       // A link cannot carry the header either: point it at the blob once the original is loaded.
       fetchBlob(`/images/${id}/file`).then(
         (objectUrl) => {
@@ -851,6 +885,7 @@
       (meta) => {
         if (seq !== detailSeq) return;
         $("#detail-title").textContent = basename(meta.path);
+        if (meta.status === "imported" && !link.hidden) noFile();
         if (!result) img.alt = altText(basename(meta.path), meta.tags);
         renderMeta(meta);
         if (!result) {
@@ -915,7 +950,7 @@
   function similarCard(result) {
     const name = basename(result.path);
     const img = el("img", { alt: altText(name, result.tags), loading: "lazy", width: 128, height: 128 });
-    setImage(img, `/images/${result.id}/thumbnail`);
+    setThumbnail(img, result);
     return el("li", { className: "card card-small", dataset: { id: result.id } }, [
       el(
         "button",
