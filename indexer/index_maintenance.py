@@ -1,6 +1,7 @@
 """When the index changes shape: the switch to an approximate segment past a size, compaction of
 the growing segment and tombstones into a new segment, re-training when the collection has
-outgrown the trained lists.
+outgrown the trained lists, and the switch back to the exact layout when deletions have shrunk
+the collection well below the threshold (or the threshold was turned off).
 
 Each step writes its new files under names no manifest uses yet, then saves a manifest naming
 them: that one rename is the swap. A server keeps serving the generation it loaded until it
@@ -23,13 +24,18 @@ from indexer.vector_index import VectorIndex
 RETRAIN_GROWTH = 4.0
 # Compact when this fraction of the segment's vectors are tombstones: they are still scanned.
 COMPACT_TOMBSTONE_FRACTION = 0.1
+# Back to the exact layout below this fraction of the threshold: the gap keeps a collection that
+# hovers around the threshold from switching layouts (and rebuilding) on every save.
+FLATTEN_FRACTION = 0.5
 
 
 def due(index: VectorIndex, settings: Settings) -> str | None:
-    """What the index needs now: "build", "retrain", "compact", or None."""
+    """What the index needs now: "build", "retrain", "compact", "flatten", or None."""
     n = len(index)
     if index.ann is None:
         return "build" if settings.ann_threshold and n >= settings.ann_threshold else None
+    if not settings.ann_threshold or n < FLATTEN_FRACTION * settings.ann_threshold:
+        return "flatten"
     if n > RETRAIN_GROWTH * index.ann.params.get("trained_for", n):
         return "retrain"
     if index.growing >= settings.compact_at or len(index.tombstones) >= COMPACT_TOMBSTONE_FRACTION * len(index.ann):
@@ -44,6 +50,8 @@ def maintain(
     step = due(index, settings)
     if step is None:
         return index
+    if step == "flatten":
+        return _flatten(index, folder, backbone, notify)
     generation = index.generation + 1  # the save below writes this generation
     name = f"segment-{generation:06d}"
     count = len(index)
@@ -70,3 +78,15 @@ def maintain(
     checkpoint("ann-swap", folder)
     rebuilt.save(folder, backbone)
     return rebuilt
+
+
+def _flatten(index: VectorIndex, folder: Path, backbone: str, notify: Callable[[str], None]) -> VectorIndex:
+    """The live vectors as one exact index; its save's manifest no longer names the segment, whose
+    files that save then removes."""
+    notify(f"{len(index)} vectors: back to the exact index")
+    exact = VectorIndex(index.dim, generation=index.generation)
+    for ids, vectors in index.iter_sorted():
+        exact.add(ids, vectors)
+    checkpoint("ann-swap", folder)
+    exact.save(folder, backbone)
+    return exact

@@ -200,6 +200,38 @@ def test_a_collection_that_outgrew_its_lists_is_retrained(tmp_path):
     assert index.ann.params["nlist"] > nlist and index.ann.params["trained_for"] == 6000 and index.growing == 0
 
 
+def test_a_collection_shrunk_well_below_the_threshold_goes_back_to_exact(tmp_path):
+    folder = tmp_path / "index"
+    ids = np.arange(1, 1501, dtype=np.int64)
+    x = clustered(1500, 40, seed=8)
+    index = VectorIndex(40)
+    index.add(ids, x)
+    settings = Settings(home=tmp_path, ann_threshold=1000, compact_at=100_000)
+    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    assert index.layout == "ann"
+    index.remove(ids[:700])  # 800 left: below the threshold, above half of it, so it stays
+    assert index_maintenance.due(index, settings) == "compact"  # for the tombstones, not "flatten"
+    index.remove(ids[700:1100])  # 400 left
+    assert index_maintenance.due(index, settings) == "flatten"
+    flat = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    assert flat.layout == "exact" and np.array_equal(flat.ids(), ids[1100:])
+    assert read_manifest(folder)["layout"] == "exact"
+    assert not list(folder.glob("segment-*")) and not list(folder.glob("tombstones-*"))
+    reloaded = VectorIndex.load(folder, "bb", 40)
+    queries = clustered(10, 40, seed=9)
+    got = [[h.id for h in hits] for hits in reloaded.search(queries, K)]
+    # The exact layout keeps float32 vectors (the segment had float16): compare with float32 scores.
+    want = [[int(i) for i in ids[1100:][np.argsort(-(x[1100:] @ q), kind="stable")[:K]]] for q in queries]
+    assert recall(got, want) == 1.0
+    # A threshold turned off (0) means exact at any size.
+    grown = VectorIndex(40)
+    grown.add(ids, x)
+    grown = index_maintenance.maintain(grown, tmp_path / "other", "bb", settings, lambda _: None)
+    off = Settings(home=tmp_path, ann_threshold=0)
+    assert index_maintenance.due(grown, off) == "flatten"
+    assert index_maintenance.maintain(grown, tmp_path / "other", "bb", off, lambda _: None).layout == "exact"
+
+
 def test_a_damaged_segment_is_reported_not_served(tmp_path):
     index = VectorIndex(40)
     index.add(np.arange(1, 1201), clustered(1200, 40, seed=6))
