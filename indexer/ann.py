@@ -4,9 +4,9 @@ fast-scan codes, candidates re-ranked exactly from the float16 vector store.
 Why this index (bench/ann_options.py measures the options; README "Large collections"):
 - IVF-PQ fast-scan keeps 128 bytes a 1280-d vector in memory (1/40 of float32); FAISS scans the
   codes with SIMD look-up tables, and new vectors are encoded without re-training.
-- Re-ranking at least 500 candidates with the stored vectors makes the final order exact: the
-  codes only choose candidates, they never decide scores. With 40 candidates, 8-bit PQ topped out
-  below the recall target; IVF-SQ8 reached it but 4x slower.
+- Re-ranking hundreds of candidates (200, 500 or 1000, tuned) with the stored vectors makes the
+  final order exact: the codes only choose candidates, they never decide scores. With 40
+  candidates, 8-bit PQ topped out below the recall target; IVF-SQ8 reached it but 4x slower.
 - `nlist` follows the FAISS guideline of about 4*sqrt(N) lists, with at least 39 training points
   a list; `nprobe` is the smallest that reaches the recall target on sampled queries checked
   against exact search over the same stored vectors, and that recall is recorded.
@@ -38,10 +38,18 @@ NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384
 Notify = Callable[[str], None]
 
 
-def candidates_for(k: int) -> int:
-    """Codes choose this many candidates for exact re-ranking: 4-bit PQ distances are coarse,
-    and re-ranking 500 float16 rows costs ~1 ms, so many are cheap insurance."""
-    return max(500, 8 * k)
+# Candidates the codes choose for exact re-ranking. 4-bit PQ distances are coarse, so many more
+# than k. On the benchmark's vectors 200 re-ranked reach recall@10 0.98 once nprobe is tuned with
+# them, and 500 buy ~0.005 more for ~0.5 ms more (bench/ann_options.py); data whose codes are
+# coarser gets more: the tuning tries each count in turn and records the first that reaches the
+# target. A filtered search re-ranks at least 500: its survivors are spread over more lists, and
+# its recall must not fall below the unfiltered one.
+RERANK_STEPS = (200, 500, 1000)
+FILTERED_RERANK_MIN = 500
+
+
+def candidates_for(k: int, rerank: int, *, filtered: bool = False) -> int:
+    return max(rerank, FILTERED_RERANK_MIN if filtered else 0, 8 * k)
 
 
 def choose_nlist(n: int) -> int:
@@ -81,6 +89,11 @@ class AnnSegment:
     @property
     def nprobe(self) -> int:
         return int(self.params["nprobe"])
+
+    @property
+    def rerank(self) -> int:
+        """Candidates re-ranked exactly; segments built before it was tuned re-ranked 500."""
+        return int(self.params.get("rerank", 500))
 
     def candidates(self, queries: np.ndarray, k: int, nprobe: int, selector=None) -> np.ndarray:
         """Ids (−1 padded) the codes rank highest; the caller re-ranks them."""
@@ -186,12 +199,13 @@ def compact_segment(
 
 def _finish(folder, name, ivf, store, store_record, trained_for, recall_target, started, say) -> AnnSegment:
     segment = AnnSegment(ivf, store, {}, folder)
-    nprobe, recall = tune_nprobe(segment, recall_target)
+    nprobe, rerank_count, recall = tune_search(segment, recall_target)
     files = write_ivf(ivf, folder / f"{name}.ivf")
     segment.params = {
         "kind": f"IVF{ivf.nlist},PQ{ivf.M}x4fs+rerank",
         "nlist": int(ivf.nlist),
         "nprobe": nprobe,
+        "rerank": rerank_count,
         "recall_at_10": recall,
         "recall_target": recall_target,
         "recall_queries": min(RECALL_QUERIES, len(store)),
@@ -226,14 +240,16 @@ def recall_queries(store: Float16Store, k: int = RECALL_K, queries: int = RECALL
     return query_ids, q, truth
 
 
-def measure_recall(segment: AnnSegment, nprobes, truth_set=None, k: int = RECALL_K) -> dict[int, float]:
+def measure_recall(
+    segment: AnnSegment, nprobes, truth_set=None, k: int = RECALL_K, reranked: int = RERANK_STEPS[0]
+) -> dict[int, float]:
     """recall@k with re-ranking for each nprobe against exact search over the same store."""
     if len(segment.store) <= k + 1:
         return {p: 1.0 for p in nprobes}
     query_ids, q, truth = truth_set or recall_queries(segment.store, k)
     out = {}
     for nprobe in nprobes:
-        cand = segment.candidates(q, candidates_for(k) + 1, nprobe)
+        cand = segment.candidates(q, candidates_for(k, reranked) + 1, nprobe)
         hits = 0
         for row, qid, vec, want in zip(cand, query_ids, q, truth):
             ids, _ = rerank(segment.store, vec, row[row != qid])
@@ -242,18 +258,20 @@ def measure_recall(segment: AnnSegment, nprobes, truth_set=None, k: int = RECALL
     return out
 
 
-def tune_nprobe(segment: AnnSegment, target: float) -> tuple[int, float]:
-    """The smallest nprobe whose measured recall@10 reaches `target`; when none does, the best.
+def tune_search(segment: AnnSegment, target: float) -> tuple[int, int, float]:
+    """(nprobe, candidates re-ranked, recall@10): the fewest candidates, then the smallest nprobe,
+    whose measured recall reaches `target`; when none does, the best measured.
 
     A plain scan from few lists up, not a bisection: recall is not monotonic in nprobe when the
     codes are coarse (more lists bring more near-misses that crowd the re-ranked candidates)."""
     nlist = segment.ivf.nlist
     steps = [p for p in NPROBE_STEPS if p < nlist] + [nlist]
     truth = recall_queries(segment.store) if len(segment.store) > RECALL_K + 1 else None
-    best = (0.0, steps[-1])
-    for nprobe in steps:
-        got = measure_recall(segment, [nprobe], truth)[nprobe]
-        if got >= target:
-            return nprobe, round(got, 4)
-        best = max(best, (got, nprobe), key=lambda b: b[0])
-    return best[1], round(best[0], 4)
+    best = (0.0, steps[-1], RERANK_STEPS[-1])
+    for rerank_count in RERANK_STEPS:
+        for nprobe in steps:
+            got = measure_recall(segment, [nprobe], truth, reranked=rerank_count)[nprobe]
+            if got >= target:
+                return nprobe, rerank_count, round(got, 4)
+            best = max(best, (got, nprobe, rerank_count), key=lambda b: b[0])
+    return best[1], best[2], round(best[0], 4)

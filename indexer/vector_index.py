@@ -178,7 +178,9 @@ class VectorIndex:
                 ann_hits = self._exact_ann(query, k + TIE_MARGIN, None)
             else:
                 selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones)) if len(self.tombstones) else None
-                cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), self.ann.nprobe, selector)
+                cand = self.ann.candidates(
+                    query[None], candidates_for(k + TIE_MARGIN, self.ann.rerank), self.ann.nprobe, selector
+                )
                 ann_hits = _rerank_hits(self.ann, query, cand[0], k + TIE_MARGIN)
             out.append(_merge(flat, ann_hits, k))
         return out
@@ -236,7 +238,9 @@ class VectorIndex:
         bitmap = np.packbits(bits, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         nprobe = filtered_nprobe(self.ann.nprobe, m / n, self.ann.ivf.nlist)
-        cand = self.ann.candidates(query[None], candidates_for(k + TIE_MARGIN), nprobe, selector)
+        cand = self.ann.candidates(
+            query[None], candidates_for(k + TIE_MARGIN, self.ann.rerank, filtered=True), nprobe, selector
+        )
         ann_hits = _rerank_hits(self.ann, query, cand[0], k + TIE_MARGIN)
         if len(ann_hits) < k:  # few of the allowed ids in the probed lists: score them all
             exact_hits = self._exact_ann(query, k + TIE_MARGIN, allowed)
@@ -505,6 +509,7 @@ def describe(manifest: dict) -> dict:
         "memory_bytes": ann.get("memory_bytes", 0) + flat_bytes,
         "nlist": ann.get("nlist", 0),
         "nprobe": ann.get("nprobe"),
+        "rerank": ann.get("rerank", 500),
         "recall_at_10": ann.get("recall_at_10"),
         "recall_target": ann.get("recall_target"),
         "recall_queries": ann.get("recall_queries"),

@@ -70,15 +70,23 @@ class Float16Store:
         """(found ids, float32 vectors) for those of `ids` the store holds, in the order given."""
         rows, found = self.rows_of(ids)
         rows = rows[found]
-        order = np.argsort(rows, kind="stable")  # sequential reads from the mapped file, then back
+        order = np.argsort(rows, kind="stable")
         gathered = np.empty((len(rows), self.dim), dtype=np.float32)
-        gathered[order] = self.vectors[rows[order]]
+        gathered[order] = self._decode(rows[order])
         return np.asarray(ids, dtype=np.int64)[found], gathered
 
     def scores(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids held, their exact inner products with `query`)."""
-        found, vectors = self.get(ids)
-        return found, vectors @ query.astype(np.float32)
+        """(ids held, their exact inner products with `query`), in id order: what re-ranking
+        needs, ~2.5 us a row at 1280-d."""
+        rows, found = self.rows_of(ids)
+        rows = np.sort(rows[found])
+        return np.asarray(self.ids[rows]), self._decode(rows) @ query.astype(np.float32)
+
+    def _decode(self, rows_sorted: np.ndarray) -> np.ndarray:
+        """float32 vectors of sorted rows: read in file order from the mapping, converted by
+        FAISS's SIMD float16 decoder (numpy's own cast took 1 ms for 500 rows, this 0.4)."""
+        halves = self.vectors[rows_sorted]
+        return self.codes.sa_decode(halves.view(np.uint8).reshape(len(rows_sorted), -1))
 
     def iter_chunks(self, chunk: int = SCAN_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) in id order."""
@@ -96,6 +104,7 @@ def write_store(folder: Path, name: str, chunks: Iterator[tuple[np.ndarray, np.n
     Written under temporary names, fsynced, then renamed: a kill leaves only temporary files,
     which the next save removes. Nothing names the store until the manifest does.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     ids_path, vec_path = store_files(folder, name)
     tmp_ids = ids_path.with_name(f".{ids_path.name}.tmp{os.getpid()}")
     tmp_vec = vec_path.with_name(f".{vec_path.name}.tmp{os.getpid()}")
