@@ -288,11 +288,14 @@ def stats(
     ]
     if idx.get("exact") is False:
         lines.append(
-            f"search      approximate: {idx['nprobe']} of {idx['nlist']} lists probed, candidates re-ranked exactly; "
+            f"search      approximate: {idx['nprobe']} of {idx['nlist']} lists probed, "
+            f"{idx.get('rerank', 500)} candidates re-ranked exactly; "
             f"measured recall@10 {idx['recall_at_10']:.3f} (target {idx['recall_target']}, "
             f"{idx['recall_queries']} sampled queries); {idx['growing_segment']} added and {idx['tombstones']} "
             "removed since the last compaction"
         )
+        if idx.get("compacting"):
+            lines[-1] += "; compacting in the background now"
     elif idx.get("switch_at"):
         lines.append(f"search      exact; approximate from {idx['switch_at']} vectors on")
     out.print("\n".join(lines), markup=False)
@@ -311,6 +314,24 @@ def reindex(home: HomeOption = None) -> None:
     except _storage_errors() as exc:
         _fail_storage(exc, settings)
     err.print(f"rebuilt the index: {len(index)} vectors")
+
+
+@app.command()
+def maintain(home: HomeOption = None) -> None:
+    """Fold new vectors and deletions into the approximate index now (compaction), or re-train it.
+
+    Writers start this in the background when it is due; servers keep answering meanwhile and
+    pick up the result by themselves."""
+    from indexer import background_compaction
+
+    settings = _settings(home)
+    try:
+        done = background_compaction.run(_open(settings), notify=lambda message: err.print(message))
+    except LookalikeError as exc:
+        _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+    err.print(f"maintenance: {done}")
 
 
 WaitOption = Annotated[

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from indexer.ann import build_segment, compact_segment
+from indexer.ann import AnnSegment, build_segment, compact_segment
 from indexer.faults import checkpoint
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
@@ -24,6 +24,9 @@ from indexer.vector_index import VectorIndex
 RETRAIN_GROWTH = 4.0
 # Compact when this fraction of the segment's vectors are tombstones: they are still scanned.
 COMPACT_TOMBSTONE_FRACTION = 0.1
+# The steps that may run in a process of their own (indexer.background_compaction): the index
+# they start from serves correctly meanwhile. The switch and the way back run in the writer.
+BACKGROUND_STEPS = ("compact", "retrain")
 # Back to the exact layout below this fraction of the threshold: the gap keeps a collection that
 # hovers around the threshold from switching layouts (and rebuilding) on every save.
 FLATTEN_FRACTION = 0.5
@@ -53,11 +56,22 @@ def maintain(
     if step == "flatten":
         return _flatten(index, folder, backbone, notify)
     generation = index.generation + 1  # the save below writes this generation
-    name = f"segment-{generation:06d}"
+    segment = new_segment(index, step, folder, f"segment-{generation:06d}", settings, notify)
+    rebuilt = VectorIndex(index.dim, generation=index.generation, ann=segment)
+    checkpoint("ann-swap", folder)
+    rebuilt.save(folder, backbone)
+    return rebuilt
+
+
+def new_segment(
+    index: VectorIndex, step: str, folder: Path, name: str, settings: Settings, notify: Callable[[str], None]
+) -> AnnSegment:
+    """The segment that `step` ("build", "retrain" or "compact") makes of `index`'s live vectors,
+    written to `folder` under `name`; nothing names it yet."""
     count = len(index)
     if step == "compact":
         notify(f"compacting {index.growing} new vectors and {len(index.tombstones)} tombstones into the segment")
-        segment = compact_segment(
+        return compact_segment(
             folder,
             name,
             index.ann,
@@ -68,16 +82,11 @@ def maintain(
             recall_target=settings.ann_recall_target,
             notify=notify,
         )
-    else:
-        why = "the collection reached" if step == "build" else "re-training the lists for"
-        notify(f"{why} {count} vectors: building an approximate index while the current one keeps serving")
-        segment = build_segment(
-            folder, name, index.iter_sorted, count, index.dim, recall_target=settings.ann_recall_target, notify=notify
-        )
-    rebuilt = VectorIndex(index.dim, generation=index.generation, ann=segment)
-    checkpoint("ann-swap", folder)
-    rebuilt.save(folder, backbone)
-    return rebuilt
+    why = "the collection reached" if step == "build" else "re-training the lists for"
+    notify(f"{why} {count} vectors: building an approximate index while the current one keeps serving")
+    return build_segment(
+        folder, name, index.iter_sorted, count, index.dim, recall_target=settings.ann_recall_target, notify=notify
+    )
 
 
 def _flatten(index: VectorIndex, folder: Path, backbone: str, notify: Callable[[str], None]) -> VectorIndex:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import index_maintenance, store
+from indexer import background_compaction, index_maintenance, store
 from indexer.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from indexer.database import make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
@@ -26,6 +26,10 @@ from indexer.filters import TagIndex
 from indexer.settings import Settings
 from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
 
+# A background maintainer marks the lock file so that writers wait for it rather than fail: it
+# holds the lock only for seconds, to take a snapshot and to swap.
+MAINTAINER_MARK = " maintain"
+MAINTAINER_HOLD = 120.0
 TAGS_STAMP = "tags.stamp"  # touched whenever tags change, so servers reload their postings
 
 Notify = Callable[[str], None]
@@ -145,18 +149,32 @@ class Library:
                     raise
         return VectorIndex.load(self.index_dir, name, dim, reuse=reuse)
 
-    def save_index(self, index: VectorIndex, backbone_name: str) -> VectorIndex:
+    def save_index(self, index: VectorIndex, backbone_name: str, *, background: bool | None = None) -> VectorIndex:
         """Save `index`, then do the maintenance due (the switch to an approximate index past
         Settings.ann_threshold, compaction, re-training); returns the index to use from now on.
 
-        A switch saves only its result: writing the whole exact index first would cost as much
-        as the build. Should the build be killed, the database still holds every vector and the
-        next open repairs the older saved index from it."""
-        if not (index.ann is None and index_maintenance.due(index, self.settings) == "build"):
+        Compaction and re-training are left to a detached `lookalike maintain` when
+        Settings.background_compaction (or `background`) says so: the saved index serves
+        correctly meanwhile. A switch saves only its result: writing the whole exact index first
+        would cost as much as the build. Should the build be killed, the database still holds
+        every vector and the next open repairs the older saved index from it."""
+        step = index_maintenance.due(index, self.settings)
+        if background is None:
+            background = self.settings.background_compaction
+        if step in index_maintenance.BACKGROUND_STEPS and background:
+            index.save(self.index_dir, backbone_name)
+            self._index = index
+            background_compaction.start(self.settings, self.notify)
+            return index
+        if not (index.ann is None and step == "build"):
             index.save(self.index_dir, backbone_name)
         current = index_maintenance.maintain(index, self.index_dir, backbone_name, self.settings, self.notify)
         self._index = current
         return current
+
+    def use_index(self, index: VectorIndex) -> None:
+        """Serve `index` from now on: one just saved by this process."""
+        self._index = index
 
     def reconcile(self, index: VectorIndex, backbone_id: int, stored_ids: np.ndarray | None = None) -> bool:
         """Make `index` hold exactly the stored embeddings' ids; True when anything changed."""
@@ -229,11 +247,13 @@ class Library:
     # -- locking -------------------------------------------------------------------------------
 
     @contextmanager
-    def write_lock(self, wait: float = 0.0) -> Iterator[None]:
+    def write_lock(self, wait: float = 0.0, *, maintainer: bool = False) -> Iterator[None]:
         """One writer per home folder; a second one is refused rather than left to corrupt.
 
         With `wait` > 0, a busy lock is retried for up to that many seconds (saying so once)
-        before IndexBusy is raised.
+        before IndexBusy is raised. A lock held by a background maintainer (`maintainer`) is
+        always waited for up to MAINTAINER_HOLD seconds: it holds it only to take a snapshot
+        and to swap.
         """
         if self._lock_held:
             yield
@@ -241,7 +261,8 @@ class Library:
         path = self.home / "write.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + wait
+            started = time.monotonic()
+            deadline = started + wait
             told = False
             while True:
                 try:
@@ -249,6 +270,10 @@ class Library:
                     break
                 except BlockingIOError:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                    if holder.endswith(MAINTAINER_MARK):
+                        holder = holder.removesuffix(MAINTAINER_MARK).strip()
+                        wait = max(wait, MAINTAINER_HOLD)
+                        deadline = max(deadline, started + MAINTAINER_HOLD)
                     if time.monotonic() >= deadline:
                         waited = f" (waited {wait:g} s)" if wait > 0 else ""
                         raise IndexBusy(
@@ -259,7 +284,7 @@ class Library:
                         told = True
                     time.sleep(0.1)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, f"{os.getpid()}{MAINTAINER_MARK if maintainer else ''}".encode(), 0)
             self._lock_held = True
             try:
                 yield

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     compact_at: int = Field(
         default=10_000, ge=1, description="Vectors added since the approximate index was built that trigger compaction"
     )
+    background_compaction: bool = Field(
+        default=True,
+        description="Compact and re-train in a detached `lookalike maintain`: writers return once their rows are saved",
+    )
     max_image_pixels: int = Field(
         default=89_478_485, ge=1, description="Larger images are refused as decompression bombs"
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from indexer import store
+from indexer import background_compaction, store
 from indexer.library import Library
 from indexer.vector_index import describe, manifest_files, read_manifest
 
@@ -38,6 +38,7 @@ def collect_stats(library: Library) -> dict:
             # as queries against exact search, measured at each build and compaction), and what
             # it keeps in memory; the growing segment and tombstones wait for compaction.
             "switch_at": library.settings.ann_threshold or None,
+            "compacting": background_compaction.running(library.settings.resolved_home),
             **describe(manifest),
         },
         "database_bytes": _database_bytes(library),

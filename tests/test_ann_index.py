@@ -23,7 +23,7 @@ from test_import import BACKBONE, DIM, catalogue_paths, write_parquet
 
 import databases
 from conftest import assert_index_matches_db
-from indexer import index_maintenance
+from indexer import background_compaction, index_maintenance
 from indexer import vector_index as vi
 from indexer.library import Library
 from indexer.models import ImageRow
@@ -232,6 +232,52 @@ def test_a_collection_shrunk_well_below_the_threshold_goes_back_to_exact(tmp_pat
     assert index_maintenance.maintain(grown, tmp_path / "other", "bb", off, lambda _: None).layout == "exact"
 
 
+def test_changes_made_while_a_background_compaction_builds_are_carried_over(tmp_path):
+    """The maintainer builds from a snapshot while writers go on: at the swap, vectors added,
+    re-embedded (in the segment and in the growing segment) and deleted since are all kept."""
+    folder = tmp_path / "index"
+    ids = np.arange(1, 2001, dtype=np.int64)
+    x = clustered(2000, 40, seed=10)
+    index = VectorIndex(40)
+    index.add(ids, x)
+    settings = Settings(home=tmp_path, ann_threshold=1500, compact_at=100)
+    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    grown_ids = np.arange(2001, 2151, dtype=np.int64)
+    grown = clustered(150, 40, seed=11)
+    index.add(grown_ids, grown)
+    index.remove(ids[:30])
+    index.save(folder, "bb")
+    snapshot = VectorIndex.load(folder, "bb", 40)
+    writer = VectorIndex.load(folder, "bb", 40)
+    assert index_maintenance.due(snapshot, settings) == "compact"
+    segment = index_maintenance.new_segment(snapshot, "compact", tmp_path / "building", "segment-x", settings, print)
+
+    # Meanwhile a writer: new images, a segment image and a growing one re-embedded, deletions
+    # from the segment and from the growing segment.
+    later_ids = np.arange(2151, 2171, dtype=np.int64)
+    later = clustered(20, 40, seed=12)
+    writer.add(later_ids, later)
+    again = clustered(2, 40, seed=13)
+    writer.remove([500, 2010])
+    writer.add(np.array([500, 2010]), again)
+    writer.remove([600, 2020])
+    writer.save(folder, "bb")
+    current = VectorIndex.load(folder, "bb", 40)
+
+    background_compaction._adopt(segment, tmp_path / "building", folder)
+    merged = background_compaction.carry_over(snapshot, current, segment)
+    assert np.array_equal(merged.ids(), current.ids()) and len(merged) == len(current) == 2000 - 30 + 150 + 20 - 2
+    assert merged.growing == 22  # the 20 new ones and the 2 re-embedded; the 150 were folded in
+    assert np.allclose(merged.reconstruct(500), again[0]) and np.allclose(merged.reconstruct(2010), again[1])
+    assert merged.reconstruct(600) is None and merged.reconstruct(2020) is None and merged.reconstruct(5) is None
+    queries = np.concatenate([again, later[:3], clustered(5, 40, seed=14)])
+    assert [[h.id for h in hits] for hits in merged.search(queries, K, exact=True)] == [
+        [h.id for h in hits] for hits in current.search(queries, K, exact=True)
+    ]
+    merged.save(folder, "bb")
+    assert np.array_equal(VectorIndex.load(folder, "bb", 40).ids(), current.ids())
+
+
 def test_a_damaged_segment_is_reported_not_served(tmp_path):
     index = VectorIndex(40)
     index.add(np.arange(1, 1201), clustered(1200, 40, seed=6))
@@ -246,7 +292,9 @@ def test_a_damaged_segment_is_reported_not_served(tmp_path):
 # -- a home on the approximate layout ----------------------------------------------------------
 
 N_HOME = 2400
-SMALL_ANN = {"LOOKALIKE_ANN_THRESHOLD": "2000", "LOOKALIKE_COMPACT_AT": "150"}
+# Compaction in the writer (as before the background maintainer) unless a test asks otherwise.
+SMALL_ANN = {"LOOKALIKE_ANN_THRESHOLD": "2000", "LOOKALIKE_COMPACT_AT": "150", "LOOKALIKE_BACKGROUND_COMPACTION": "0"}
+BACKGROUND = {**SMALL_ANN, "LOOKALIKE_BACKGROUND_COMPACTION": "1"}
 
 
 def catalogue(tmp_path: Path, n: int, seed: int, prefix: str) -> Path:
@@ -325,6 +373,73 @@ def test_a_kill_during_build_swap_or_compaction_loses_nothing(tmp_path, model_ca
     named |= {manifest["ann"]["store"]["ids_file"], manifest["ann"]["store"]["vectors_file"]}
     on_disk = {p.name for p in (home / "index").iterdir()} - {"index.json", "tags.stamp"}
     assert on_disk == named
+
+
+def wait_for_maintainer(home: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while background_compaction.running(home):
+        assert time.monotonic() < deadline, (home / background_compaction.LOG_FILE).read_text()[-2000:]
+        time.sleep(0.2)
+
+
+def assert_no_leftovers(index_dir: Path) -> None:
+    manifest = read_manifest(index_dir)
+    named = {manifest["file"], manifest["tombstones"]["file"], manifest["ann"]["ivf_file"]}
+    named |= {manifest["ann"]["store"]["ids_file"], manifest["ann"]["store"]["vectors_file"]}
+    on_disk = {p.name for p in index_dir.iterdir()} - {"index.json", "tags.stamp", background_compaction.BUILDING}
+    assert on_disk == named
+    assert not list((index_dir / background_compaction.BUILDING).glob("*"))
+
+
+@pytest.mark.storage
+def test_compaction_runs_in_the_background_and_the_next_writer_is_not_refused(tmp_path, model_cache):
+    home = tmp_path / "home"
+    env = base_env(home, model_cache, **BACKGROUND)
+    assert run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env).returncode == 0
+    built = read_manifest(home / "index")["ann"]["ivf_file"]
+    proc = run_cli(["import", str(catalogue(tmp_path, 200, 1, "b")), "--home", str(home), "-q"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "compaction runs in the background" in proc.stderr
+    # The import returned with its rows saved in the growing segment: searchable now.
+    assert read_manifest(home / "index")["file_count"] >= 200 or background_compaction.running(home)
+    # Another writer meanwhile: waits for the maintainer's snapshot or swap, never refused.
+    proc = run_cli(["import", str(catalogue(tmp_path, 50, 2, "c")), "--home", str(home), "-q"], env)
+    assert proc.returncode == 0, proc.stderr
+    wait_for_maintainer(home)
+    log = (home / background_compaction.LOG_FILE).read_text()
+    assert "maintenance: compact" in log, log[-2000:]
+    manifest = read_manifest(home / "index")
+    assert manifest["ann"]["ivf_file"] != built and manifest["count"] == N_HOME + 250
+    assert manifest["file_count"] in (0, 50)  # the last 50 may have come after the snapshot
+    assert db_invariants(home) == N_HOME + 250
+    library = library_at(home, model_cache)
+    assert_index_matches_db(library)
+    library.close()
+    assert_no_leftovers(home / "index")
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("point", ["compaction:1", "ann-swap:1"])
+def test_a_background_compaction_killed_loses_nothing_and_the_next_finishes(tmp_path, model_cache, point):
+    home = tmp_path / "home"
+    env = base_env(home, model_cache, **BACKGROUND)
+    assert run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env).returncode == 0
+    # The import does not compact; the maintainer it starts inherits the fault and is killed.
+    proc = run_cli(
+        ["import", str(catalogue(tmp_path, 200, 1, "b")), "--home", str(home), "-q"], env, faults=f"{point}=kill"
+    )
+    assert proc.returncode == 0, proc.stderr
+    wait_for_maintainer(home)
+    assert "maintenance:" not in (home / background_compaction.LOG_FILE).read_text()
+    assert db_invariants(home) == N_HOME + 200
+    library = library_at(home, model_cache, ann_threshold=2000, compact_at=150)
+    assert len(library.index()) == N_HOME + 200
+    assert_index_matches_db(library)
+    library.close()
+    proc = run_cli(["maintain", "--home", str(home)], env)
+    assert proc.returncode == 0 and "maintenance: compact" in proc.stderr, proc.stderr
+    assert read_manifest(home / "index")["file_count"] == 0
+    assert_no_leftovers(home / "index")
 
 
 @pytest.mark.storage

@@ -1211,7 +1211,11 @@
           ? [
               ["Lists probed", `${fmtNumber(index.nprobe)} of ${fmtNumber(index.nlist)}`],
               ["Measured recall@10", `${Number(index.recall_at_10).toFixed(3)} (target ${index.recall_target}, ${index.recall_queries} sampled queries)`],
-              ["Waiting for compaction", `${fmtNumber(index.growing_segment ?? 0)} added, ${fmtNumber(index.tombstones ?? 0)} removed`],
+              [
+                "Waiting for compaction",
+                `${fmtNumber(index.growing_segment ?? 0)} added, ${fmtNumber(index.tombstones ?? 0)} removed` +
+                  (index.compacting ? " (compacting in the background now)" : ""),
+              ],
             ]
           : index.switch_at
             ? [["Approximate from", `${fmtNumber(index.switch_at)} vectors`]]
