@@ -289,7 +289,7 @@ def stats(
     if idx.get("exact") is False:
         lines.append(
             f"search      approximate: {idx['nprobe']} of {idx['nlist']} lists probed, "
-            f"{idx.get('rerank', 500)} candidates re-ranked exactly; "
+            f"{idx['rerank']} candidates re-ranked exactly; "
             f"measured recall@10 {idx['recall_at_10']:.3f} (target {idx['recall_target']}, "
             f"{idx['recall_queries']} sampled queries); {idx['growing_segment']} added and {idx['tombstones']} "
             "removed since the last compaction"

@@ -46,6 +46,7 @@ Notify = Callable[[str], None]
 # its recall must not fall below the unfiltered one.
 RERANK_STEPS = (200, 500, 1000)
 FILTERED_RERANK_MIN = 500
+UNTUNED_RERANK = 500  # what segments built before the count was tuned re-rank
 
 
 def candidates_for(k: int, rerank: int, *, filtered: bool = False) -> int:
@@ -92,8 +93,8 @@ class AnnSegment:
 
     @property
     def rerank(self) -> int:
-        """Candidates re-ranked exactly; segments built before it was tuned re-ranked 500."""
-        return int(self.params.get("rerank", 500))
+        """Candidates re-ranked exactly (tuned at build)."""
+        return int(self.params.get("rerank", UNTUNED_RERANK))
 
     def candidates(self, queries: np.ndarray, k: int, nprobe: int, selector=None) -> np.ndarray:
         """Ids (−1 padded) the codes rank highest; the caller re-ranks them."""

@@ -51,25 +51,27 @@ Notify = Callable[[str], None]
 INHERITED_LOCK_ENV = "LOOKALIKE_MAINTAINER_LOCK_FD"
 
 
+def _take_lock(home: Path) -> int | None:
+    """A descriptor holding the home's maintainer lock, or None when another process holds it."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextmanager
 def _maintainer_lock(home: Path) -> Iterator[bool]:
     """True when this process is now the home's maintainer (until the block ends), else False."""
     inherited = os.environ.pop(INHERITED_LOCK_ENV, None)
-    if inherited is not None:
-        fd = int(inherited)
-        try:
-            yield True
-        finally:
-            os.close(fd)
+    fd = int(inherited) if inherited is not None else _take_lock(home)
+    if fd is None:
+        yield False
         return
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
         yield True
     finally:
         os.close(fd)
@@ -95,13 +97,10 @@ def start(settings: Settings, notify: Notify) -> bool:
     The child gets the settings that decide what it does through its environment, and its output
     goes to HOME/maintain.log. It outlives this process (its own session)."""
     home = settings.resolved_home
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take_lock(home)
+    if fd is None:
+        return False  # one is running; it goes on while compaction is due
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # one is running; it goes on while compaction is due
         env = dict(os.environ)
         env.update(
             LOOKALIKE_HOME=str(home),
@@ -155,7 +154,7 @@ def _one_round(library, building: Path, notify: Notify) -> str | None:
         if step is not None and step not in index_maintenance.BACKGROUND_STEPS:
             # The switch to the approximate layout and back: quick enough, and they replace the
             # layout itself; done under the lock, as a writer does.
-            library.save_index(snapshot, backbone, background=False)
+            library.save_index(snapshot, backbone)
             return step
     if step is None:
         return None
@@ -207,12 +206,10 @@ def carry_over(snapshot: VectorIndex, current: VectorIndex, segment: AnnSegment)
     folded into `segment`; every other one stays growing (adding it tombstones an older copy)."""
     snap_ids, snap_vectors = snapshot.growing_vectors()
     cur_ids, cur_vectors = current.growing_vectors()
-    order = np.argsort(snap_ids)
-    at = np.searchsorted(snap_ids[order], cur_ids) if len(snap_ids) else np.zeros(len(cur_ids), np.int64)
-    at = np.minimum(at, max(len(snap_ids) - 1, 0))
     folded = np.zeros(len(cur_ids), dtype=bool)
     if len(snap_ids):
-        rows = order[at]
+        order = np.argsort(snap_ids)
+        rows = order[np.minimum(np.searchsorted(snap_ids, cur_ids, sorter=order), len(snap_ids) - 1)]
         folded = (snap_ids[rows] == cur_ids) & np.all(snap_vectors[rows] == cur_vectors, axis=1)
     live_now = current.ids()
     deleted = np.setdiff1d(np.asarray(segment.store.ids), live_now, assume_unique=True)

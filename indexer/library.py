@@ -149,19 +149,17 @@ class Library:
                     raise
         return VectorIndex.load(self.index_dir, name, dim, reuse=reuse)
 
-    def save_index(self, index: VectorIndex, backbone_name: str, *, background: bool | None = None) -> VectorIndex:
+    def save_index(self, index: VectorIndex, backbone_name: str) -> VectorIndex:
         """Save `index`, then do the maintenance due (the switch to an approximate index past
         Settings.ann_threshold, compaction, re-training); returns the index to use from now on.
 
         Compaction and re-training are left to a detached `lookalike maintain` when
-        Settings.background_compaction (or `background`) says so: the saved index serves
+        Settings.background_compaction says so: the saved index serves
         correctly meanwhile. A switch saves only its result: writing the whole exact index first
         would cost as much as the build. Should the build be killed, the database still holds
         every vector and the next open repairs the older saved index from it."""
         step = index_maintenance.due(index, self.settings)
-        if background is None:
-            background = self.settings.background_compaction
-        if step in index_maintenance.BACKGROUND_STEPS and background:
+        if step in index_maintenance.BACKGROUND_STEPS and self.settings.background_compaction:
             index.save(self.index_dir, backbone_name)
             self._index = index
             background_compaction.start(self.settings, self.notify)

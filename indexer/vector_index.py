@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.ann import AnnSegment, candidates_for, open_segment, rerank, segment_files
+from indexer.ann import UNTUNED_RERANK, AnnSegment, candidates_for, open_segment, rerank, segment_files
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
 from indexer.vector_store import SCAN_CHUNK, fsync_path
@@ -509,7 +509,7 @@ def describe(manifest: dict) -> dict:
         "memory_bytes": ann.get("memory_bytes", 0) + flat_bytes,
         "nlist": ann.get("nlist", 0),
         "nprobe": ann.get("nprobe"),
-        "rerank": ann.get("rerank", 500),
+        "rerank": ann.get("rerank", UNTUNED_RERANK),
         "recall_at_10": ann.get("recall_at_10"),
         "recall_target": ann.get("recall_target"),
         "recall_queries": ann.get("recall_queries"),
