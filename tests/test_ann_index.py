@@ -139,14 +139,19 @@ def test_never_fewer_than_k_when_k_match(built, monkeypatch):
     assert [h.id for h in hits] == brute_force(ids, x, q, K, far)
 
 
+def switched_index(folder: Path, n: int, dim: int, seed: int, settings: Settings):
+    """(ids, vectors, index): n clustered vectors, ids 1..n, switched to the approximate layout."""
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    x = clustered(n, dim, seed=seed)
+    index = VectorIndex(dim)
+    index.add(ids, x)
+    return ids, x, index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+
+
 def test_adding_and_removing_touch_only_the_small_files_until_compaction(tmp_path):
     folder = tmp_path / "index"
-    ids = np.arange(1, 3001, dtype=np.int64)
-    x = clustered(3000, 80, seed=1)
-    index = VectorIndex(80)
-    index.add(ids, x)
     settings = Settings(home=tmp_path, ann_threshold=2000, compact_at=300)
-    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    ids, x, index = switched_index(folder, 3000, 80, 1, settings)
     segment_files = {p.name: p.stat().st_mtime_ns for p in folder.glob("segment-*")}
     assert len(segment_files) == 3  # the lists, the ids, the float16 vectors
 
@@ -202,12 +207,8 @@ def test_a_collection_that_outgrew_its_lists_is_retrained(tmp_path):
 
 def test_a_collection_shrunk_well_below_the_threshold_goes_back_to_exact(tmp_path):
     folder = tmp_path / "index"
-    ids = np.arange(1, 1501, dtype=np.int64)
-    x = clustered(1500, 40, seed=8)
-    index = VectorIndex(40)
-    index.add(ids, x)
     settings = Settings(home=tmp_path, ann_threshold=1000, compact_at=100_000)
-    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    ids, x, index = switched_index(folder, 1500, 40, 8, settings)
     assert index.layout == "ann"
     index.remove(ids[:700])  # 800 left: below the threshold, above half of it, so it stays
     assert index_maintenance.due(index, settings) == "compact"  # for the tombstones, not "flatten"
@@ -236,12 +237,8 @@ def test_changes_made_while_a_background_compaction_builds_are_carried_over(tmp_
     """The maintainer builds from a snapshot while writers go on: at the swap, vectors added,
     re-embedded (in the segment and in the growing segment) and deleted since are all kept."""
     folder = tmp_path / "index"
-    ids = np.arange(1, 2001, dtype=np.int64)
-    x = clustered(2000, 40, seed=10)
-    index = VectorIndex(40)
-    index.add(ids, x)
     settings = Settings(home=tmp_path, ann_threshold=1500, compact_at=100)
-    index = index_maintenance.maintain(index, folder, "bb", settings, lambda _: None)
+    ids, _, index = switched_index(folder, 2000, 40, 10, settings)
     grown_ids = np.arange(2001, 2151, dtype=np.int64)
     grown = clustered(150, 40, seed=11)
     index.add(grown_ids, grown)
@@ -369,10 +366,7 @@ def test_a_kill_during_build_swap_or_compaction_loses_nothing(tmp_path, model_ca
     assert proc.returncode == 0, proc.stderr
     manifest = read_manifest(home / "index")
     assert manifest["layout"] == "ann" and manifest["count"] == expected and manifest["file_count"] == 0
-    named = {manifest["file"], manifest["tombstones"]["file"], manifest["ann"]["ivf_file"]}
-    named |= {manifest["ann"]["store"]["ids_file"], manifest["ann"]["store"]["vectors_file"]}
-    on_disk = {p.name for p in (home / "index").iterdir()} - {"index.json", "tags.stamp"}
-    assert on_disk == named
+    assert_no_leftovers(home / "index")
 
 
 def wait_for_maintainer(home: Path, timeout: float = 240) -> None:
