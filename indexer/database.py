@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration in migrations/versions (tests/test_migrations.py checks it is Alembic's head).
 SCHEMA_HEAD = "0004"
+WAL_SIZE_LIMIT = 64 * 2**20
 
 
 def make_engine(url: str) -> Engine:
@@ -46,7 +47,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
+    # A checkpoint that empties the WAL also shrinks its file to this: a 1M-row import (one
+    # transaction) grew it to 5.6 GB, which every later commit's checkpoint and every new
+    # process's recovery then walked through.
+    cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cur.close()
+
+
+def checkpoint_sqlite(engine: Engine) -> None:
+    """Fold the WAL into the database file and truncate it (SQLite only; best effort).
+
+    A writer that exits leaves its WAL for the next process to recover (reading all of it: 5.8 s
+    of a server's start after a 1M-row import) and for the next writer's commit to checkpoint
+    (12 s of a 10k-row import beside a server). A reader that keeps the WAL busy for longer than
+    the second waited for it only postpones this to a later checkpoint."""
+    if engine.dialect.name != "sqlite":
+        return
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=1000")
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except Exception:  # noqa: BLE001 - a failed checkpoint loses nothing
+        pass
 
 
 def alembic_config(url: str):

@@ -19,7 +19,7 @@ import numpy as np
 
 from indexer import background_compaction, index_maintenance, store
 from indexer.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
-from indexer.database import make_engine, session_factory, upgrade
+from indexer.database import checkpoint_sqlite, make_engine, session_factory, upgrade
 from indexer.errors import BackboneMismatch, IndexBusy
 from indexer.faults import checkpoint
 from indexer.filters import TagIndex
@@ -67,6 +67,8 @@ class Library:
         return self.settings.model_cache or self.home / "models"
 
     def close(self) -> None:
+        """Release the database; on SQLite, leave no WAL behind for the next process to recover."""
+        checkpoint_sqlite(self.engine)
         self.engine.dispose()
 
     # -- backbone ------------------------------------------------------------------------------
