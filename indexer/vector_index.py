@@ -95,6 +95,7 @@ class VectorIndex:
         self.ann = ann
         self.tombstones = np.zeros(0, dtype=np.int64) if tombstones is None else np.asarray(tombstones, np.int64)
         self._dead_rows = self._rows_dead()
+        self._dead_count = int(self._dead_rows.sum())  # len() is asked per query: 0.4 ms to count at 1M
 
     @property
     def layout(self) -> str:
@@ -106,7 +107,7 @@ class VectorIndex:
         return int(self._index.ntotal)
 
     def __len__(self) -> int:
-        ann = len(self.ann) - int(self._dead_rows.sum()) if self.ann is not None else 0
+        ann = len(self.ann) - self._dead_count if self.ann is not None else 0
         return int(self._index.ntotal) + ann
 
     def _flat_ids(self) -> np.ndarray:
@@ -155,6 +156,7 @@ class VectorIndex:
         if len(live):
             self.tombstones = np.union1d(self.tombstones, live)
             self._dead_rows = self._rows_dead()
+            self._dead_count = int(self._dead_rows.sum())
         return int(len(live))
 
     # -- search --------------------------------------------------------------------------------
@@ -198,11 +200,11 @@ class VectorIndex:
         store = self.ann.store
         if allowed is None:
             rows = np.flatnonzero(~self._dead_rows) if self._dead_rows.any() else None
+            ids, scores = store.exact_rows(query, k, rows)
         else:
             rows, found = store.rows_of(allowed)
             found[found] = ~self._dead_rows[rows[found]]
-            rows = rows[found]
-        ids, scores = store.exact_rows(query, k, rows)
+            ids, scores = store.exact_subset(query, k, rows[found])
         return _hits(ids, scores)[:k]
 
     def search_filtered(

@@ -18,14 +18,32 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 SCAN_CHUNK = 32768  # rows converted to float32 at a time: 160 MB at 1280-d, bounded whatever the size
+SPLIT_MIN_ROWS = 4096  # rows per thread of an exact scan, at least: fewer cost more to hand out
+# Contiguous copies of the rows of recently used filters (see Float16Store.exact_subset).
+SUBSET_CACHE_BYTES = 256 * 2**20
+SUBSET_MAX_BYTES = SUBSET_CACHE_BYTES // 4  # larger sets are scanned in place, never copied
+GATHER_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class _RowSubset:
+    ids: np.ndarray  # the rows' ids, in row order
+    codes: faiss.Index  # their float16 codes, contiguous, in an index of their own
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.codes.sa_code_size() * self.codes.ntotal)
 
 
 @dataclass
@@ -33,20 +51,94 @@ class Float16Store:
     ids: np.ndarray  # sorted int64, memory-mapped
     vectors: np.ndarray  # float16 (n, dim), memory-mapped, row i belongs to ids[i]
     codes: faiss.Index  # the same rows as a memory-mapped FAISS float16 index (its ids are row numbers)
+    _subsets: OrderedDict = field(default_factory=OrderedDict, repr=False)  # digest of rows -> _RowSubset
+    _subsets_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def exact_subset(self, query: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the exact top-k among `rows` (sorted row numbers), like exact_rows.
+
+        A filter's rows lie scattered over the file, and scanning them in place costs a pass over
+        every row's bit (2.6 ms at 1M) plus ~0.8 us a row of scattered reads; a contiguous copy
+        of them scans at ~0.3 us a row. Making the copy costs about twice a scan in place (10k rows
+        of 1M here: 16-27 ms, against 13 ms in place and 2-4 ms in the copy), and it is kept (least
+        recently used first out, SUBSET_CACHE_BYTES in all): a server is asked about the same
+        filter again and again. Sets larger than SUBSET_MAX_BYTES are scanned in place."""
+        if len(rows) * self.codes.sa_code_size() > SUBSET_MAX_BYTES:
+            return self.exact_rows(query, k, rows)
+        k = min(k, len(rows))
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        subset = self._subset(np.ascontiguousarray(rows, dtype=np.int64))
+        scores, at = subset.codes.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
+        keep = at[0] >= 0
+        return subset.ids[at[0][keep]], scores[0][keep]
+
+    def _subset(self, rows: np.ndarray) -> _RowSubset:
+        key = hashlib.blake2b(rows.tobytes(), digest_size=16).digest()
+        with self._subsets_lock:
+            found = self._subsets.get(key)
+            if found is not None:
+                self._subsets.move_to_end(key)
+                return found
+        codes = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        row_bytes = codes.sa_code_size()
+        codes.codes.resize(len(rows) * row_bytes)
+        # Gathered straight into the index's own buffer, a slice at a time: a fresh 25 MB copy
+        # to hand over would cost as much again in page faults. Rows are sorted: file order.
+        into = faiss.rev_swig_ptr(codes.codes.data(), len(rows) * row_bytes).reshape(len(rows), row_bytes)
+        source = self.vectors.view(np.uint8)
+        for start in range(0, len(rows), GATHER_ROWS):
+            into[start : start + GATHER_ROWS] = source[rows[start : start + GATHER_ROWS]]
+        codes.ntotal = len(rows)
+        subset = _RowSubset(np.asarray(self.ids[rows]), codes)
+        with self._subsets_lock:
+            self._subsets[key] = subset
+            held = sum(s.nbytes for s in self._subsets.values())
+            while held > SUBSET_CACHE_BYTES and len(self._subsets) > 1:
+                held -= self._subsets.popitem(last=False)[1].nbytes
+        return subset
 
     def exact_rows(self, query: np.ndarray, k: int, rows_allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the exact top-k rows by inner product, among `rows_allowed` (sorted
-        row numbers) when given; the filter is a bitmap the scan checks row by row."""
-        k = min(k, len(self) if rows_allowed is None else len(rows_allowed))
+        row numbers) when given; the filter is a bitmap the scan checks row by row.
+
+        The scan reads every allowed row (2.5 kB each, ~0.9 us apiece when they are spread over
+        a 1M-row file): it is bound by one core's memory bandwidth, so a large allowed set is cut
+        in as many parts as the caller's search threads and the parts are scanned in parallel
+        (10k rows of 1M: 9.2 ms on one thread here, 5.6 ms on two)."""
+        count = len(self) if rows_allowed is None else len(rows_allowed)
+        k = min(k, count)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        threads = min(faiss.omp_get_max_threads(), count // SPLIT_MIN_ROWS)
+        if threads <= 1:
+            return self._scan(query, k, rows_allowed)
+        everything = np.arange(len(self)) if rows_allowed is None else rows_allowed
+        parts = np.array_split(everything, threads)
+        with ThreadPoolExecutor(threads) as pool:  # FAISS lets go of the GIL while it scans
+            found = list(pool.map(lambda part: self._scan(query, k, part, one_thread=True), parts))
+        ids = np.concatenate([f[0] for f in found])
+        scores = np.concatenate([f[1] for f in found])
+        best = np.argsort(-scores, kind="stable")[:k]  # parts are in row order: ties keep it
+        return ids[best], scores[best]
+
+    def _scan(
+        self, query: np.ndarray, k: int, rows_allowed: np.ndarray | None, *, one_thread: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if one_thread:
+            # This thread's own OpenMP team: one, or the idle members of each part's team would
+            # spin against the other parts' scans for the same cores.
+            faiss.omp_set_num_threads(1)
         params = None
         if rows_allowed is not None:
             bits = np.zeros(len(self), dtype=bool)
             bits[rows_allowed] = True
             bitmap = np.packbits(bits, bitorder="little")
             params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)))
-        scores, rows = self.codes.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k, params=params)
+        scores, rows = self.codes.search(
+            query, min(k, len(self) if rows_allowed is None else len(rows_allowed)), params=params
+        )
         keep = rows[0] >= 0
         return np.asarray(self.ids)[rows[0][keep]], scores[0][keep]
 
@@ -80,7 +172,9 @@ class Float16Store:
         needs, ~2.5 us a row at 1280-d."""
         rows, found = self.rows_of(ids)
         rows = np.sort(rows[found])
-        return np.asarray(self.ids[rows]), self._decode(rows) @ query.astype(np.float32)
+        # einsum, not `@`: numpy's BLAS starts its own threads for 500 rows and more, which then
+        # wait for the cores FAISS's OpenMP threads are still spinning on (8 ms against 1 ms here).
+        return np.asarray(self.ids[rows]), np.einsum("ij,j->i", self._decode(rows), query.astype(np.float32))
 
     def _decode(self, rows_sorted: np.ndarray) -> np.ndarray:
         """float32 vectors of sorted rows: read in file order from the mapping, converted by

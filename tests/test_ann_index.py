@@ -139,6 +139,74 @@ def test_never_fewer_than_k_when_k_match(built, monkeypatch):
     assert [h.id for h in hits] == brute_force(ids, x, q, K, far)
 
 
+def test_filtered_rows_are_scored_from_a_bounded_cache_of_copies_that_never_outlives_a_removal(tmp_path, monkeypatch):
+    """A filter's rows are copied together once and scored from the copy next time; the copies
+    stay within their byte budget (least recently used out); a set too large for a copy is scanned
+    in place; an image removed meanwhile never comes back from a copy made before."""
+    from indexer import vector_store
+
+    settings = Settings(home=tmp_path, ann_threshold=2000, compact_at=10_000)
+    ids, x, index = switched_index(tmp_path / "index", 3000, 80, 11, settings)
+    store = index.ann.store
+    row_bytes = 80 * 2 + 8  # float16 codes and the id
+    monkeypatch.setattr(vector_store, "SUBSET_CACHE_BYTES", 2 * 400 * row_bytes)
+    monkeypatch.setattr(vector_store, "SUBSET_MAX_BYTES", 1000 * 80 * 2)
+    rng = np.random.default_rng(12)
+    sets = [np.sort(rng.choice(ids, 400, replace=False)) for _ in range(3)]
+    queries = clustered(4, 80, seed=13)
+
+    def check(allowed, alive_ids=ids, alive_x=x):
+        for q in queries:
+            hits, strategy = index.search_filtered(q, K, allowed)
+            assert strategy == "subset"
+            assert [h.id for h in hits] == brute_force(alive_ids, alive_x, q, K, allowed)
+
+    check(sets[0])
+    assert len(store._subsets) == 1
+    check(sets[0])  # from the copy
+    assert len(store._subsets) == 1
+    check(sets[1])
+    check(sets[2])
+    assert len(store._subsets) == 2  # the budget holds two: the first went out
+    assert sum(s.nbytes for s in store._subsets.values()) <= vector_store.SUBSET_CACHE_BYTES
+    check(sets[0])
+
+    big = np.sort(rng.choice(ids, 2000, replace=False))  # over SUBSET_MAX_BYTES: scanned in place
+    held = set(store._subsets)
+    check(big)
+    assert set(store._subsets) == held
+
+    hits, _ = index.search_filtered(queries[0], K, sets[0])
+    gone = hits[0].id
+    index.remove([gone])
+    keep = ids != gone
+    check(sets[0], ids[keep], x[keep])
+    assert all(h.id != gone for h in index.search_filtered(queries[0], K, sets[0])[0])
+
+
+def test_an_exact_scan_split_over_threads_is_the_one_thread_scan(built, monkeypatch):
+    """exact=true over every row, and a large allowed set scanned in place, cut in parts that
+    threads score at once: the same ranking as brute force."""
+    import faiss
+
+    from indexer import vector_store
+
+    _, ids, x, index, _ = built
+    monkeypatch.setattr(vector_store, "SPLIT_MIN_ROWS", 500)
+    monkeypatch.setattr(vector_store, "SUBSET_MAX_BYTES", 0)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        allowed = np.sort(np.random.default_rng(14).choice(ids, 2500, replace=False))
+        for q in clustered(8, 160, seed=15):
+            (hits,) = index.search(q[None], K, exact=True)
+            assert [h.id for h in hits] == brute_force(ids, x, q, K)
+            hits, _ = index.search_filtered(q, K, allowed, exact=True)
+            assert [h.id for h in hits] == brute_force(ids, x, q, K, allowed)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def switched_index(folder: Path, n: int, dim: int, seed: int, settings: Settings):
     """(ids, vectors, index): n clustered vectors, ids 1..n, switched to the approximate layout."""
     ids = np.arange(1, n + 1, dtype=np.int64)
