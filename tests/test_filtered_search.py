@@ -433,3 +433,42 @@ def test_synthetic_ties_come_in_id_order_whatever_k(synthetic):
             assert len({h.score for h in hits[:3]}) == 1 and hits[0].score == pytest.approx(1.0, abs=1e-5)
             if k > 3:
                 assert hits[3].score < hits[2].score
+
+
+@pytest.mark.storage
+def test_a_refresh_swaps_in_new_tag_postings_loaded_beside_the_served_ones(tmp_path, model_cache):
+    """A server's postings are replaced by the watcher's refresh, loaded there: a filtered query
+    never waits for the load, and sees the old tags or the new ones."""
+    import io
+
+    from test_import import catalogue_paths, unit_rows, write_parquet
+
+    from indexer.importer import import_embeddings
+
+    settings = databases.home_settings(tmp_path / "home", model_cache=model_cache)
+    writer, server = Library(settings), Library(settings)
+    import_embeddings(writer, [write_parquet(tmp_path / "v.parquet", catalogue_paths(20), unit_rows(20))])
+    with writer.sessions.begin() as session:
+        ids = sorted(session.scalars(select(ImageRow.id)))
+        backbone = store.backbone_in_use(session)
+        blob = io.BytesIO()
+        np.savez(blob, weight=np.zeros((2, backbone.dim), np.float32), bias=np.full(2, -20.0, np.float32))
+        head = HeadRow(name="h", kind="multilabel", backbone_id=backbone.id, labels=["a", "b"], weights=blob.getvalue())
+        session.add(head)
+        session.flush()
+        session.add_all(TagRow(image_id=i, head_id=head.id, label="a", score=0.9) for i in ids[:5])
+    writer.tags_changed()
+    server.refresh()
+    served = server.tag_index()
+    b = TagFilter(("h:b",), (), (), 0.0)
+    assert len(served.allowed(b, np.array(ids))) == 0
+
+    with writer.sessions.begin() as session:
+        session.add_all(TagRow(image_id=i, head_id=head.id, label="b", score=0.8) for i in ids[5:8])
+    writer.tags_changed()
+    assert served.allowed(b, np.array(ids)).tolist() == []  # still what it served before
+    assert "tags" in server.refresh()
+    assert server._tags is not None and server._tags is not served  # loaded by the refresh itself
+    assert server.tag_index().allowed(b, np.array(ids)).tolist() == ids[5:8]
+    writer.close()
+    server.close()
