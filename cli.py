@@ -102,21 +102,33 @@ def index(
     backbone: BackboneOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call")] = None,
     workers: Annotated[int | None, typer.Option(help="Decoder processes (default: CPU cores)")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Decode and embed on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+            "[env: LOOKALIKE_RAY_ADDRESS]",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
 ) -> None:
     """Index image folders: add new files, re-embed changed ones, drop vanished ones."""
-    settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers)
-    # Decoders first: forked now, before the database and the model runtime exist in this
-    # process, they decode and embed the first files while this one opens the home.
-    from indexer.decode_worker import DecoderPool, decoder_count, prefetch_options
+    settings = _settings(home, backbone=backbone, batch_size=batch_size, decode_workers=workers, ray_address=ray)
+    if settings.ray_address:
+        decoders = _cluster_decoders(settings, folders)
+    else:
+        # Decoders first: forked now, before the database and the model runtime exist in this
+        # process, they decode and embed the first files while this one opens the home.
+        from indexer.decode_worker import DecoderPool, decoder_count, prefetch_options
 
-    decoders = DecoderPool(decoder_count(settings)).start()
-    options = prefetch_options(settings)
-    if options is not None:
-        # Two batches: the start-up below takes one core for most of a second, which the
-        # decoders would otherwise spend idle once the usual read-ahead is decoded.
-        limit = max(decoders.read_ahead_files, 2 * settings.batch_size)
-        decoders.prefetch(options, _first_files(folders), limit=limit)
+        decoders = DecoderPool(decoder_count(settings)).start()
+        options = prefetch_options(settings)
+        if options is not None:
+            # Two batches: the start-up below takes one core for most of a second, which the
+            # decoders would otherwise spend idle once the usual read-ahead is decoded.
+            limit = max(decoders.read_ahead_files, 2 * settings.batch_size)
+            decoders.prefetch(options, _first_files(folders), limit=limit)
     from indexer.pipeline import index_folders
 
     try:
@@ -138,6 +150,19 @@ def index(
         + (f" (+{report.previously_failed} failed before, unchanged)" if report.previously_failed else "")
         + f" in {report.seconds:.1f} s ({rate:.1f} images/s embedded)"
     )
+
+
+def _cluster_decoders(settings: Settings, folders: list[Path]):
+    """Connect to the Ray cluster and check that every node sees the folders, or fail clearly."""
+    from indexer.cluster import ClusterDecoders
+
+    err.print(f"connecting to the Ray cluster at {settings.ray_address}")
+    try:
+        return ClusterDecoders(
+            settings.ray_address, [os.path.abspath(f) for f in folders], actors=settings.ray_actors
+        )
+    except LookalikeError as exc:
+        _fail(str(exc))
 
 
 def _first_files(folders: list[Path]):

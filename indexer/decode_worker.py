@@ -145,7 +145,8 @@ def _ready() -> None:
     """Warm-up task: the worker has started and imported this module."""
 
 
-def _decode_chunk(options: DecodeOptions, jobs: list[Job]) -> list[Decoded]:
+def decode_chunk(options: DecodeOptions, jobs: list[Job]) -> list[Decoded]:
+    """What one decoder does with a chunk of files, here or on a Ray node (`indexer.cluster`)."""
     results = [decode_one(options, task, force) for task, force in jobs]
     if options.model_file:
         _embed(options, [d for d in results if d.pixels is not None])
@@ -260,7 +261,7 @@ class DecoderPool:
         self._prefetched: list[tuple[Future, list[Task]]] = []
         self._prefetch_options: DecodeOptions | None = None
         self._pool: ProcessPoolExecutor | None = None
-        self._isolated: _IsolatedDecoder | None = None
+        self._isolated: IsolatedDecoder | None = None
         self.start_method = "fork" if _fork_is_safe() else "spawn"
 
     @property
@@ -291,7 +292,7 @@ class DecoderPool:
         executor = self._executor()
         for i in range(0, len(tasks), CHUNK_FILES):
             chunk = tasks[i : i + CHUNK_FILES]
-            self._prefetched.append((executor.submit(_decode_chunk, options, [(t, True) for t in chunk]), chunk))
+            self._prefetched.append((executor.submit(decode_chunk, options, [(t, True) for t in chunk]), chunk))
 
     def claim_prefetched(self, tasks: list[Task]) -> tuple[list[Task], deque[tuple[Future, dict[FileKey, Task]]]]:
         """Split `tasks` into those still to decode and the prefetched chunks that cover the rest."""
@@ -342,12 +343,12 @@ class DecoderPool:
     def submit(self, chunk: list[Job]) -> bool:
         """False if the pool just broke: next_results() then sorts out the chunks in flight."""
         try:
-            future = self._executor().submit(_decode_chunk, self.options, chunk)
+            future = self._executor().submit(decode_chunk, self.options, chunk)
         except BrokenProcessPool:
             if self.inflight:
                 return False
             self._drop_broken_pool()  # a worker died with nothing to do: nothing to re-run
-            future = self._executor().submit(_decode_chunk, self.options, chunk)
+            future = self._executor().submit(decode_chunk, self.options, chunk)
         self.inflight.append((future, chunk))
         return True
 
@@ -367,11 +368,11 @@ class DecoderPool:
         self.inflight.clear()
         self._drop_broken_pool()
         if self._isolated is None:
-            self._isolated = _IsolatedDecoder()
+            self._isolated = IsolatedDecoder()
         return results + [self._isolated.decode(self.options, job) for job in suspects]
 
 
-class _IsolatedDecoder:
+class IsolatedDecoder:
     """One decoder process fed one file at a time: if it dies, that file killed it (or its model call did)."""
 
     def __init__(self):
@@ -422,7 +423,7 @@ def _isolated_worker(conn) -> None:
     conn.send("ready")
     while (message := conn.recv()) is not None:
         options, job = message
-        conn.send(_decode_chunk(options, [job])[0])
+        conn.send(decode_chunk(options, [job])[0])
 
 
 def _death(exitcode: int | None) -> str:

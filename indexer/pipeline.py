@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from indexer import store
 from indexer.backbones import OnnxBackbone
+from indexer.cluster import ClusterDecoders
 from indexer.decode import ImageInfo
 from indexer.decode_worker import (
     CHUNK_FILES,
@@ -138,11 +139,12 @@ def index_folders(
     folders: Iterable[str],
     *,
     progress: ProgressFn | None = None,
-    decoders: DecoderPool | None = None,
+    decoders: DecoderPool | ClusterDecoders | None = None,
 ) -> IndexReport:
     """Index every image below `folders`; files that vanished from them are removed.
 
-    `decoders`: a pool the caller started early (see `indexer.decode_worker`); closed here."""
+    `decoders`: a pool the caller started early (see `indexer.decode_worker`), or the decoders
+    of a Ray cluster (`indexer.cluster`); closed here."""
     roots = [os.path.abspath(f) for f in folders]
     for root in roots:
         if not is_utf8(root):  # paths are stored as UTF-8 text
@@ -250,6 +252,18 @@ def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, pr
     total = len(tasks)
     if progress:
         progress(0, total)
+    try:
+        if isinstance(pool, ClusterDecoders):
+            _run_on_cluster(pool, tasks, writer, progress)
+        else:
+            _run_locally(pool, tasks, writer, progress, known)
+    finally:
+        if pool.options.known_hashes_file:
+            Path(pool.options.known_hashes_file).unlink(missing_ok=True)
+
+
+def _run_locally(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, progress, known) -> None:
+    total = len(tasks)
     remaining, prefetched = pool.claim_prefetched(tasks)
     # Signature-only files are decoded although their bytes are indexed (force), for the signature.
     chunks = deque(
@@ -257,29 +271,43 @@ def _run_decoders(pool: DecoderPool, tasks: list[Task], writer: _BatchWriter, pr
     )
     max_inflight = pool.workers * READ_AHEAD_CHUNKS
     done = 0
-    try:
-        while chunks or pool.inflight or prefetched:
-            while chunks and len(pool.inflight) + len(prefetched) < max_inflight and pool.submit(chunks[0]):
-                chunks.popleft()
-            if prefetched:
-                results = _prefetched_results(prefetched.popleft(), known, chunks)
-            else:
-                results = pool.next_results()
-            retries = []
+    while chunks or pool.inflight or prefetched:
+        while chunks and len(pool.inflight) + len(prefetched) < max_inflight and pool.submit(chunks[0]):
+            chunks.popleft()
+        if prefetched:
+            results = _prefetched_results(prefetched.popleft(), known, chunks)
+        else:
+            results = pool.next_results()
+        retries = []
+        for decoded in results:
+            checkpoint("decode")
+            retries += writer.add(decoded)
+            done += 1
+        if not chunks and not pool.inflight and not prefetched:
+            retries += writer.flush()
+        # A file whose twin vanished or changed in this very run is decoded after all.
+        done -= len(retries)
+        chunks.extend([(t, True)] for t in retries)
+        if progress:
+            progress(done, total)
+
+
+def _run_on_cluster(cluster: ClusterDecoders, tasks: list[Task], writer: _BatchWriter, progress) -> None:
+    """The same writer fed by a Ray cluster's decoders (see indexer.cluster)."""
+    total, done = len(tasks), 0
+    jobs = [(t, t.signature_only) for t in tasks]
+    while jobs:
+        retries = []
+        for results in cluster.decode(jobs):
             for decoded in results:
                 checkpoint("decode")
                 retries += writer.add(decoded)
                 done += 1
-            if not chunks and not pool.inflight and not prefetched:
-                retries += writer.flush()
-            # A file whose twin vanished or changed in this very run is decoded after all.
-            done -= len(retries)
-            chunks.extend([(t, True)] for t in retries)
             if progress:
                 progress(done, total)
-    finally:
-        if pool.options.known_hashes_file:
-            Path(pool.options.known_hashes_file).unlink(missing_ok=True)
+        retries += writer.flush()
+        done -= len(retries)  # a file whose twin vanished or changed in this very run: decoded after all
+        jobs = [(t, True) for t in retries]
 
 
 def _prefetched_results(claimed, known: frozenset[str], chunks: deque) -> list[Decoded]:

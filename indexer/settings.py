@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=32, ge=1, le=1024)
     decode_workers: int = Field(default=0, ge=0, description="Decoder processes; 0 = one per CPU core")
     threads: int = Field(default=0, ge=0, description="Inference threads; 0 = one per CPU core")
+    ray_address: str | None = Field(
+        default=None,
+        description="Decode and embed on this Ray cluster (auto, HOST:PORT, ray://HOST:PORT); needs lookalike[ray]",
+    )
+    ray_actors: int = Field(
+        default=0, ge=0, description="Decoder actors on the Ray cluster, one CPU each; 0 = one per cluster CPU"
+    )
     search_threads: int = Field(
         default=1, ge=0, description="FAISS threads per query; 1 suits a server answering queries side by side"
     )

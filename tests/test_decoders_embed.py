@@ -19,7 +19,7 @@ from conftest import REPO, SAMPLES, rows_by_path
 from indexer import store
 from indexer.backbones import load_backbone
 from indexer.decode import decode_for_model
-from indexer.decode_worker import DecodeOptions, Task, _decode_chunk
+from indexer.decode_worker import DecodeOptions, Task, decode_chunk
 from indexer.library import DEFAULT_BACKBONE
 
 PARENT = """
@@ -81,12 +81,12 @@ def test_a_decoder_whose_model_cannot_run_sends_pixels(tmp_path, model_cache):
     broken.write_bytes(b"not a model" * 100)
     for runtime in ("openvino", "onnx"):
         options = DecodeOptions(backbone.preprocess, 89_478_485, 1 << 30, model_file=str(broken), model_runtime=runtime)
-        (decoded,) = _decode_chunk(options, [(task, False)])
+        (decoded,) = decode_chunk(options, [(task, False)])
         assert decoded.error is None and decoded.vector is None
         assert decoded.pixels is not None and decoded.pixels.shape == (224, 224, 3)
     # With the real file the same call returns the vector, and no pixels.
     options = DecodeOptions(backbone.preprocess, 89_478_485, 1 << 30, model_file=str(backbone.model_path))
-    (decoded,) = _decode_chunk(options, [(task, False)])
+    (decoded,) = decode_chunk(options, [(task, False)])
     assert decoded.pixels is None and decoded.vector.shape == (1280,) and decoded.norm > 0
     pixels = decode_for_model(photo.read_bytes(), backbone.preprocess, max_pixels=89_478_485)[0]
     np.testing.assert_allclose(decoded.vector, backbone.embed(pixels[None])[0], atol=1e-5)

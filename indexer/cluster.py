@@ -1,0 +1,225 @@
+"""Decode and embed on a Ray cluster (`lookalike index --ray ADDRESS`): the local decoders' code,
+scheduled by Ray Data.
+
+Only the work of the decoder processes moves: each chunk of files goes through
+`decode_worker.decode_chunk`, the very function a local decoder runs (read, hash, decode with the
+same limits and EXIF handling, embed with the exported ONNX model), inside Ray Data actors that
+keep the model session open between chunks (`map_batches` over the chunks). Planning, the
+commits, the tags and the FAISS index stay in this process, as for a local run
+(`indexer.pipeline`): rows are written once, by one writer, whatever Ray retries.
+
+Files are read by path on the node that decodes them, so every node must see the folders at the
+same path (a shared file system); a probe task on every node checks that, and the lookalike
+version, before anything is decoded. The model file and the hashes already indexed travel
+through Ray's object store, so nodes need neither the home nor the model cache.
+
+Ray retries a chunk whose actor or node died; a chunk that fails even so (a file that kills its
+decoder every time) comes back missing, and is decoded here one file at a time in a process of
+its own, which pins the failure on the file, as a local run does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from indexer import __version__
+from indexer.decode_worker import Decoded, DecodeOptions, IsolatedDecoder, Job, decode_chunk, file_key
+from indexer.errors import LookalikeError
+
+RAY_EXTRA_HINT = "pip install 'lookalike[ray]'"
+CHUNK_FILES = 8  # files per Ray Data row: large enough that Ray's per-row cost stays small
+CONNECT_TIMEOUT_S = 5
+PROBE_TIMEOUT_S = 60  # a node's answer to the probe; a node starting a worker on a busy machine takes seconds
+RETRIES = 2  # attempts of a chunk after its actor died, before it counts as failed here
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise LookalikeError(f"indexing on a Ray cluster needs Ray: {RAY_EXTRA_HINT}") from None
+    return ray
+
+
+class ClusterDecoders:
+    """Stands in for `decode_worker.DecoderPool` in a run whose decoding happens on a Ray cluster."""
+
+    def __init__(self, address: str, folders: list[str], *, actors: int = 0):
+        ray = _ray()
+        self.address = address
+        self.options: DecodeOptions | None = None
+        self._isolated: IsolatedDecoder | None = None
+        _check_reachable(address)
+        try:
+            # The driver's output is ours; the workers' logs stay in Ray's session folder.
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, by version
+            raise LookalikeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        try:
+            self.nodes = _check_nodes(ray, folders)
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            if cpus < 1:
+                raise LookalikeError(f"the Ray cluster at {address} has no CPUs to decode on")
+            self.actors = actors or cpus
+        except BaseException:
+            ray.shutdown()
+            raise
+
+    # -- the pool interface the pipeline uses -----------------------------------------------------
+
+    def __enter__(self) -> ClusterDecoders:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._isolated is not None:
+            self._isolated.close()
+            self._isolated = None
+        ray = _ray()
+        if ray.is_initialized():
+            ray.shutdown()
+
+    def decode(self, jobs: list[Job]) -> Iterator[list[Decoded]]:
+        """Results chunk by chunk, in the order the cluster finishes them; each job exactly once."""
+        ray = _ray()
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.max_errored_blocks = -1  # a chunk that fails for good is redone here, not the run
+        context.enable_progress_bars = False
+        model = _file_bytes(self.options.model_file)
+        known = _file_bytes(self.options.known_hashes_file)
+        chunks = [jobs[i : i + CHUNK_FILES] for i in range(0, len(jobs), CHUNK_FILES)]
+        rows = ray.data.from_items([{"chunk": i, "jobs": pickle.dumps(c)} for i, c in enumerate(chunks)])
+        decoded = rows.map_batches(
+            ChunkDecoder,
+            fn_constructor_kwargs={"options": self.options, "model": ray.put(model), "known": ray.put(known)},
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=(1, self.actors),
+            num_cpus=1,
+            max_restarts=-1,
+            max_task_retries=RETRIES,
+        )
+        seen: set = set()
+        for row in decoded.iter_rows():
+            results = [d for d in pickle.loads(row["results"]) if file_key(d.task) not in seen]
+            seen.update(file_key(d.task) for d in results)
+            yield results
+        missing = [job for job in jobs if file_key(job[0]) not in seen]
+        if missing:
+            if self._isolated is None:
+                self._isolated = IsolatedDecoder()
+            for job in missing:
+                yield [self._isolated.decode(self.options, job)]
+
+
+class ChunkDecoder:
+    """A Ray Data actor: the model file and the known hashes written to this node's disk once,
+    then `decode_chunk` on every chunk it is given (the model session stays open between them)."""
+
+    def __init__(self, options: DecodeOptions, model, known):
+        ray = _ray()
+        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
+        self.options = replace(
+            options,
+            model_file=_local_copy(model, ".onnx"),
+            known_hashes_file=_local_copy(known, ".bin"),
+            model_threads=1,  # one CPU per actor, as Ray reserved it
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [pickle.dumps(decode_chunk(self.options, pickle.loads(jobs))) for jobs in batch["jobs"]]
+        return {"chunk": batch["chunk"], "results": np.array(out, dtype=object)}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on HOST:PORT where nothing listens: ray.init would retry for minutes."""
+    host_port = address.removeprefix("ray://")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray finds (or refuses) the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise LookalikeError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} "
+            "(is `ray start --head` running there, and is this the port it printed?)"
+        ) from None
+
+
+def _file_bytes(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _local_copy(data: bytes | None, suffix: str) -> str | None:
+    """`data` in a file of this node named by its digest (written once, atomically)."""
+    if data is None:
+        return None
+    folder = Path(tempfile.gettempdir()) / "lookalike-ray"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.blake2b(data, digest_size=16).hexdigest() + suffix)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _check_nodes(ray, folders: list[str]) -> list[dict]:
+    """One probe task on every alive node: the folders exist there, and lookalike is this version."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    pending = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(folders)
+        for n in nodes
+    ]
+    answers = []
+    for node, ref in zip(nodes, pending):
+        try:
+            answers.append((node, ray.get(ref, timeout=PROBE_TIMEOUT_S)))
+        except ray.exceptions.RayError:
+            # A node that died moments ago is listed alive until its heartbeats time out; it
+            # takes no work either, so it is not asked again.
+            continue
+    if not answers:
+        raise LookalikeError("no node of the Ray cluster answered (are its nodes up?)")
+    for node, answer in answers:
+        name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
+        if answer["version"] != __version__:
+            raise LookalikeError(
+                f"Ray node {name} runs lookalike {answer['version']}, this machine {__version__}: "
+                "install the same version on every node"
+            )
+        for path, reason in answer["unreadable"]:
+            raise LookalikeError(
+                f"Ray node {name} cannot read {path} ({reason}): every node must see the folders "
+                "at the same path (a shared file system)"
+            )
+    return [answer for _, answer in answers]
+
+
+def _probe(folders: list[str]) -> dict:
+    from indexer import __version__ as version
+
+    unreadable = []
+    for path in folders:
+        if not os.path.isdir(path):
+            unreadable.append((path, "no such folder"))
+        elif not os.access(path, os.R_OK | os.X_OK):
+            unreadable.append((path, "permission denied"))
+    return {"version": version, "unreadable": unreadable, "pid": os.getpid()}
