@@ -14,6 +14,10 @@ fi
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
+# The Ray cluster tests run their nodes in a network namespace of their own (ip netns).
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
 [ -d .venv ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
 
