@@ -36,7 +36,7 @@ from indexer.decode_worker import Decoded, DecodeOptions, IsolatedDecoder, Job, 
 from indexer.errors import LookalikeError
 
 RAY_EXTRA_HINT = "pip install 'lookalike[ray]'"
-CHUNK_FILES = 8  # files per Ray Data row: large enough that Ray's per-row cost stays small
+CHUNK_FILES = 32  # files per Ray Data row: large enough that Ray's per-row cost stays small
 CONNECT_TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 60  # a node's answer to the probe; a node starting a worker on a busy machine takes seconds
 RETRIES = 2  # attempts of a chunk after its actor died, before it counts as failed here
