@@ -198,11 +198,12 @@ def _check_nodes(ray, folders: list[str]) -> list[dict]:
             continue
     if not answers:
         raise LookalikeError("no node of the Ray cluster answered (are its nodes up?)")
+    here = installed_version()
     for node, answer in answers:
         name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
-        if answer["version"] != __version__:
+        if answer["version"] != here:
             raise LookalikeError(
-                f"Ray node {name} runs lookalike {answer['version']}, this machine {__version__}: "
+                f"Ray node {name} runs lookalike {answer['version']}, this machine {here}: "
                 "install the same version on every node"
             )
         for path, reason in answer["unreadable"]:
@@ -213,13 +214,21 @@ def _check_nodes(ray, folders: list[str]) -> list[dict]:
     return [answer for _, answer in answers]
 
 
-def _probe(folders: list[str]) -> dict:
-    from indexer import __version__ as version
+def installed_version() -> str:
+    """lookalike's version as installed (its distribution's metadata), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("lookalike")
+    except PackageNotFoundError:
+        return __version__
+
+
+def _probe(folders: list[str]) -> dict:
     unreadable = []
     for path in folders:
         if not os.path.isdir(path):
             unreadable.append((path, "no such folder"))
         elif not os.access(path, os.R_OK | os.X_OK):
             unreadable.append((path, "permission denied"))
-    return {"version": version, "unreadable": unreadable, "pid": os.getpid()}
+    return {"version": installed_version(), "unreadable": unreadable}
