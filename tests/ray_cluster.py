@@ -68,17 +68,18 @@ class RayCluster:
             self.add_worker(f"worker{i}")
         return self
 
-    def add_worker(self, name: str, cpus: int = 1) -> None:
+    def add_worker(self, name: str, cpus: int = 1, **env: str) -> None:
         self._node(
             name,
             f"--address={self.address}",
             f"--num-cpus={cpus}",
             f'--resources={{"{name}": 1}}',
             "--node-ip-address=127.0.0.1",
+            env=env,
         )
         self._wait_for_nodes(len(self.nodes))
 
-    def _node(self, name: str, *args: str) -> None:
+    def _node(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the node's life
         self.nodes[name] = subprocess.Popen(
             self.netns(
@@ -89,7 +90,7 @@ class RayCluster:
                 f"--object-store-memory={OBJECT_STORE_BYTES}",
                 *args,
             ),
-            env=self.env(),
+            env=self.env(**(env or {})),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

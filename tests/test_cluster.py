@@ -164,6 +164,27 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(cluster, corp
     assert all(r[3] is not None for r in rows.values() if r[0] == "indexed")
 
 
+def test_a_file_that_kills_every_decoder_on_the_cluster_costs_that_file_alone(cluster, corpus, tmp_path, model_cache):
+    """On a node whose decoders die at one file (LOOKALIKE_FAULTS, as a codec crashing would),
+    Ray retries its chunk, gives up, and the run decodes that chunk here instead: it finishes,
+    every file indexed once, nothing reported failed that is not bad."""
+    victim = sorted(p for p in corpus.rglob("*.jpg") if "bad" not in p.parts)[10]
+    for name in ("worker0", "worker1"):
+        cluster.kill(name)
+    cluster.add_worker("crashy", LOOKALIKE_FAULTS=f"decoder:{victim.name}:1=kill")
+    try:
+        home = tmp_path / "home"
+        proc = run_index(cluster, home, model_cache, corpus)
+    finally:
+        cluster.kill("crashy")
+        cluster.add_worker("worker0")
+        cluster.add_worker("worker1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "added 120, updated 0, removed 0, unchanged 0, failed 2" in proc.stderr
+    rows = stored(home)
+    assert len(rows) == 122 and rows[str(victim)][0] == "indexed"
+
+
 def test_refused_setups_say_what_is_wrong(cluster, corpus, tmp_path, model_cache):
     home = tmp_path / "home"
     # Nothing listens there.
