@@ -158,9 +158,7 @@ def _cluster_decoders(settings: Settings, folders: list[Path]):
 
     err.print(f"connecting to the Ray cluster at {settings.ray_address}")
     try:
-        return ClusterDecoders(
-            settings.ray_address, [os.path.abspath(f) for f in folders], actors=settings.ray_actors
-        )
+        return ClusterDecoders(settings.ray_address, [os.path.abspath(f) for f in folders], actors=settings.ray_actors)
     except LookalikeError as exc:
         _fail(str(exc))
 

@@ -55,7 +55,6 @@ class ClusterDecoders:
 
     def __init__(self, address: str, folders: list[str], *, actors: int = 0):
         ray = _ray()
-        self.address = address
         self.options: DecodeOptions | None = None
         self._isolated: IsolatedDecoder | None = None
         _check_reachable(address)
@@ -65,7 +64,7 @@ class ClusterDecoders:
         except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, by version
             raise LookalikeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         try:
-            self.nodes = _check_nodes(ray, folders)
+            _check_nodes(ray, folders)
             cpus = int(ray.cluster_resources().get("CPU", 0))
             if cpus < 1:
                 raise LookalikeError(f"the Ray cluster at {address} has no CPUs to decode on")
@@ -101,7 +100,7 @@ class ClusterDecoders:
         model = _file_bytes(self.options.model_file)
         known = _file_bytes(self.options.known_hashes_file)
         chunks = [jobs[i : i + CHUNK_FILES] for i in range(0, len(jobs), CHUNK_FILES)]
-        rows = ray.data.from_items([{"chunk": i, "jobs": pickle.dumps(c)} for i, c in enumerate(chunks)])
+        rows = ray.data.from_items([{"jobs": pickle.dumps(chunk)} for chunk in chunks])
         decoded = rows.map_batches(
             ChunkDecoder,
             fn_constructor_kwargs={"options": self.options, "model": ray.put(model), "known": ray.put(known)},
@@ -142,7 +141,7 @@ class ChunkDecoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = [pickle.dumps(decode_chunk(self.options, pickle.loads(jobs))) for jobs in batch["jobs"]]
-        return {"chunk": batch["chunk"], "results": np.array(out, dtype=object)}
+        return {"results": np.array(out, dtype=object)}
 
 
 def _check_reachable(address: str) -> None:
@@ -178,7 +177,7 @@ def _local_copy(data: bytes | None, suffix: str) -> str | None:
     return str(path)
 
 
-def _check_nodes(ray, folders: list[str]) -> list[dict]:
+def _check_nodes(ray, folders: list[str]) -> None:
     """One probe task on every alive node: the folders exist there, and lookalike is this version."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -211,7 +210,6 @@ def _check_nodes(ray, folders: list[str]) -> list[dict]:
                 f"Ray node {name} cannot read {path} ({reason}): every node must see the folders "
                 "at the same path (a shared file system)"
             )
-    return [answer for _, answer in answers]
 
 
 def installed_version() -> str:
