@@ -158,9 +158,17 @@ def _cluster_decoders(settings: Settings, folders: list[Path]):
 
     err.print(f"connecting to the Ray cluster at {settings.ray_address}")
     try:
-        return ClusterDecoders(settings.ray_address, [os.path.abspath(f) for f in folders], actors=settings.ray_actors)
+        cluster = ClusterDecoders(
+            settings.ray_address,
+            [os.path.abspath(f) for f in folders],
+            actors=settings.ray_actors,
+            device=settings.device,
+        )
     except LookalikeError as exc:
         _fail(str(exc))
+    if cluster.note:
+        err.print(f"note: {cluster.note}", markup=False)
+    return cluster
 
 
 def _first_files(folders: list[Path]):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer import __version__
+from indexer.device import session_runtime
 from indexer.errors import LookalikeError, UnknownBackbone
 
 # Bump when the exported graph changes, so stale cached ONNX files are not reused.
@@ -56,6 +57,7 @@ class Backbone(ABC):
     preprocess: Preprocess
 
     classifier: Classifier | None = None  # the backbone's own ImageNet classifier, if it has one
+    device: str = "cpu"  # where embed_with_norms runs: "cpu" or "cuda"
 
     @abstractmethod
     def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,21 +249,31 @@ def _load_by_position(model, state: dict) -> None:
 
 
 class TorchBackbone(Backbone):
-    def __init__(self, name: str, weights: Path, threads: int):
+    def __init__(self, name: str, weights: Path, threads: int, device: str = "cpu"):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda":
+            # TF32 would round the vectors to 10-bit mantissas: an index must not depend on the
+            # machine that built it.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self._torch = torch
         self.name = name
+        self.device = device
         self._encoder, self.preprocess, self.dim, self.classifier = _build_torch_encoder(name, weights)
+        self._encoder.to(device)
 
     def embed_with_norms(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._torch.inference_mode():
             # A private copy when the batch is read-only (torch.from_numpy warns on those).
             batch = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels)
-            vectors, norms = self._encoder(self._torch.from_numpy(batch))
-        return vectors.numpy().astype(np.float32, copy=False), norms.numpy().astype(np.float32, copy=False)
+            vectors, norms = self._encoder(self._torch.from_numpy(batch).to(self.device))
+        return (
+            vectors.cpu().numpy().astype(np.float32, copy=False),
+            norms.cpu().numpy().astype(np.float32, copy=False),
+        )
 
 
 EXPORTED_RUNTIMES = ("openvino", "onnx")  # run the exported ONNX file
@@ -275,10 +287,11 @@ class ModelSession(ABC):
     Opened on first use, so a process that only needs a backbone's name, size and preprocessing
     (the indexing parent, whose decoders embed) neither imports a runtime nor loads the model."""
 
-    def __init__(self, model_path: Path | str, threads: int, spin: bool = True):
+    def __init__(self, model_path: Path | str, threads: int, spin: bool = True, device: str = "cpu"):
         self.model_path = str(model_path)
         self.threads = threads or (os.cpu_count() or 1)
         self.spin = spin
+        self.device = device
         self._session = None
         self._lock = threading.Lock()
 
@@ -298,11 +311,15 @@ class ModelSession(ABC):
     def _infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def model_session(runtime: str, model_path: Path | str, threads: int, spin: bool = True) -> ModelSession:
+def model_session(
+    runtime: str, model_path: Path | str, threads: int, spin: bool = True, device: str = "cpu"
+) -> ModelSession:
+    """A session on `device` ("cpu" or "cuda", as `indexer.device.resolve_device` decided)."""
+    runtime = session_runtime(runtime, device)
     if runtime == "openvino":
         return OpenVinoSession(model_path, threads, spin)
     if runtime == "onnx":
-        return OnnxRuntimeSession(model_path, threads, spin)
+        return OnnxRuntimeSession(model_path, threads, spin, device)
     raise LookalikeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
 
 
@@ -359,11 +376,26 @@ class OnnxRuntimeSession(ModelSession):
         # 15 ms here); in batch runs they steal the cores the decoder processes need (200 12-MP
         # JPEGs indexed in 3.6 s without spinning, 4.0 s with).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-        return ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(self.model_path, options, providers=onnx_providers(self.device))
+        if self.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU with a mere warning when CUDA does not start.
+            raise LookalikeError(
+                "ONNX Runtime could not start CUDA (are the CUDA and cuDNN libraries that "
+                f"onnxruntime-gpu {ort.__version__} needs installed?); LOOKALIKE_DEVICE=cpu runs on the CPU"
+            )
+        return session
 
     def _infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vectors, norms = self._session.run(None, {"pixels": pixels})
         return vectors, norms
+
+
+def onnx_providers(device: str) -> list:
+    """ONNX Runtime's execution providers for `device`, the CPU last (for the few operators CUDA lacks)."""
+    if device == "cuda":
+        # Plain float32 matmuls, as on the CPU: TF32 would round the vectors to 10-bit mantissas.
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 class OnnxBackbone(Backbone):
@@ -378,9 +410,11 @@ class OnnxBackbone(Backbone):
         classifier: Classifier | None,
         spin: bool = True,
         runtime: str = "openvino",
+        device: str = "cpu",
     ):
-        self.session = model_session(runtime, model_path, threads, spin)
-        self.runtime = runtime
+        self.session = model_session(runtime, model_path, threads, spin, device)
+        self.runtime = session_runtime(runtime, device)
+        self.device = device
         self.model_path = model_path
         self.name = name
         self.dim = int(meta["dim"])
@@ -468,13 +502,15 @@ def load_backbone(
     clip_weights: Path | None = None,
     threads: int = 0,
     spin: bool = True,
+    device: str = "cpu",
 ):
-    """Build the named backbone in the requested runtime ("openvino", "onnx" or "torch")."""
+    """Build the named backbone in the requested runtime ("openvino", "onnx" or "torch"), on
+    `device` ("cpu", or "cuda" once `indexer.device.resolve_device` found it usable)."""
     if runtime not in RUNTIMES:
         raise LookalikeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     weights = _weights_path(name, clip_weights)
     if runtime == "torch":
-        return TorchBackbone(name, weights, threads)
+        return TorchBackbone(name, weights, threads, device)
     model_path = _onnx_path(name, weights, cache_dir)
     meta_path = model_path.with_suffix(".json")
     if model_path.is_file() and meta_path.is_file():
@@ -482,4 +518,4 @@ def load_backbone(
     else:
         meta = export_onnx(name, weights, model_path)
     classifier = Classifier.load(model_path.with_suffix(".classifier.npz")) if meta.get("classifier") else None
-    return OnnxBackbone(name, model_path, meta, threads, classifier, spin, runtime)
+    return OnnxBackbone(name, model_path, meta, threads, classifier, spin, runtime, device)

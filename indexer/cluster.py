@@ -13,6 +13,12 @@ same path (a shared file system); a probe task on every node checks that, and th
 version, before anything is decoded. The model file and the hashes already indexed travel
 through Ray's object store, so nodes need neither the home nor the model cache.
 
+With GPUs in the cluster (`LOOKALIKE_DEVICE=auto|cuda`), decoding and embedding become two
+stages: decoder actors on one CPU each send pixels to embed actors that hold one GPU each and run
+the same session code on CUDA (`decode_worker.embed_decoded`). Embed actors reserve no CPU: a
+decoder pool that took every CPU of a GPU node would otherwise leave no room for them to start,
+and the job would never make progress.
+
 Ray retries a chunk whose actor or node died; a chunk that fails even so (a file that kills its
 decoder every time) comes back missing, and is decoded here one file at a time in a process of
 its own, which pins the failure on the file, as a local run does.
@@ -32,7 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from indexer import __version__
-from indexer.decode_worker import Decoded, DecodeOptions, IsolatedDecoder, Job, decode_chunk, file_key
+from indexer.decode_worker import (
+    Decoded,
+    DecodeOptions,
+    IsolatedDecoder,
+    Job,
+    decode_chunk,
+    embed_decoded,
+    file_key,
+)
+from indexer.device import DEVICES, missing_cuda_runtime, visible_gpus
 from indexer.errors import LookalikeError
 
 RAY_EXTRA_HINT = "pip install 'lookalike[ray]'"
@@ -53,9 +68,12 @@ def _ray():
 class ClusterDecoders:
     """Stands in for `decode_worker.DecoderPool` in a run whose decoding happens on a Ray cluster."""
 
-    def __init__(self, address: str, folders: list[str], *, actors: int = 0):
+    def __init__(self, address: str, folders: list[str], *, actors: int = 0, device: str = "auto"):
+        if device not in DEVICES:
+            raise LookalikeError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
         ray = _ray()
         self.options: DecodeOptions | None = None
+        self.note: str | None = None  # how the work is spread, for the user
         self._isolated: IsolatedDecoder | None = None
         _check_reachable(address)
         try:
@@ -64,10 +82,11 @@ class ClusterDecoders:
         except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, by version
             raise LookalikeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         try:
-            _check_nodes(ray, folders)
+            answers = _check_nodes(ray, folders)
             cpus = int(ray.cluster_resources().get("CPU", 0))
             if cpus < 1:
                 raise LookalikeError(f"the Ray cluster at {address} has no CPUs to decode on")
+            self.embed_gpus, self.note = _plan_gpus(device, address, answers)
             self.actors = actors or cpus
         except BaseException:
             ray.shutdown()
@@ -101,9 +120,12 @@ class ClusterDecoders:
         known = _file_bytes(self.options.known_hashes_file)
         chunks = [jobs[i : i + CHUNK_FILES] for i in range(0, len(jobs), CHUNK_FILES)]
         rows = ray.data.from_items([{"jobs": pickle.dumps(chunk)} for chunk in chunks])
+        model_ref = ray.put(model)
+        gpu_stage = bool(self.embed_gpus and model)
+        decoder_model = None if gpu_stage else model_ref  # decoders then send pixels to the GPUs
         decoded = rows.map_batches(
             ChunkDecoder,
-            fn_constructor_kwargs={"options": self.options, "model": ray.put(model), "known": ray.put(known)},
+            fn_constructor_kwargs={"options": self.options, "model": decoder_model, "known": ray.put(known)},
             batch_size=1,
             batch_format="numpy",
             concurrency=(1, self.actors),
@@ -111,6 +133,18 @@ class ClusterDecoders:
             max_restarts=-1,
             max_task_retries=RETRIES,
         )
+        if gpu_stage:
+            decoded = decoded.map_batches(
+                ChunkEmbedder,
+                fn_constructor_kwargs={"options": self.options, "model": model_ref, "device": "cuda"},
+                batch_size=1,
+                batch_format="numpy",
+                concurrency=(1, self.embed_gpus),
+                num_cpus=0,
+                num_gpus=1,
+                max_restarts=-1,
+                max_task_retries=RETRIES,
+            )
         seen: set = set()
         for row in decoded.iter_rows():
             results = [d for d in pickle.loads(row["results"]) if file_key(d.task) not in seen]
@@ -142,6 +176,60 @@ class ChunkDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = [pickle.dumps(decode_chunk(self.options, pickle.loads(jobs))) for jobs in batch["jobs"]]
         return {"results": np.array(out, dtype=object)}
+
+
+class ChunkEmbedder:
+    """A Ray Data actor holding one GPU: embeds the pixels that ChunkDecoder actors sent, with
+    the model session the local decoders use, on `device`."""
+
+    def __init__(self, options: DecodeOptions, model, device: str):
+        ray = _ray()
+        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        self.options = replace(
+            options, model_file=_local_copy(model, ".onnx"), model_runtime="onnx", model_threads=1, model_device=device
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for blob in batch["results"]:
+            decoded = pickle.loads(blob)
+            embed_decoded(self.options, decoded)  # a session that fails leaves pixels: the driver embeds those
+            out.append(pickle.dumps(decoded))
+        return {"results": np.array(out, dtype=object)}
+
+
+def _plan_gpus(device: str, address: str, answers: list[tuple[dict, dict]]) -> tuple[int, str | None]:
+    """(GPUs to embed on, a note on the plan): every GPU Ray counts, when every node that has
+    them can run the model there; `cuda` fails clearly where that is not so, `auto` decodes and
+    embeds on the CPUs instead and says why."""
+    if device == "cpu":
+        return 0, None
+    gpu_nodes = [(node, answer) for node, answer in answers if node.get("Resources", {}).get("GPU", 0) >= 1]
+    if not gpu_nodes:
+        if device == "cuda":
+            raise LookalikeError(
+                f"LOOKALIKE_DEVICE=cuda, but no node of the Ray cluster at {address} has a GPU "
+                "(Ray counts a node's GPUs when it starts; `ray start --num-gpus N` declares them)"
+            )
+        return 0, None
+    for node, answer in gpu_nodes:
+        declared = int(node["Resources"]["GPU"])
+        problem = None
+        if answer["gpus"] < 1:
+            problem = "shows no CUDA device (no /dev/nvidia*, or CUDA_VISIBLE_DEVICES hides them)"
+        elif answer["cuda_missing"]:
+            problem = f"needs {answer['cuda_missing']}"
+        if problem:
+            message = f"Ray node {_node_name(node)} has {declared} GPU(s) for Ray but {problem}"
+            if device == "cuda":
+                raise LookalikeError(message)
+            return 0, f"{message}: embedding on the CPUs"
+    gpus = sum(int(node["Resources"]["GPU"]) for node, _ in gpu_nodes)
+    return gpus, f"embedding on {gpus} GPU(s) of the cluster, decoding on its CPUs"
+
+
+def _node_name(node: dict) -> str:
+    return f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
 
 
 def _check_reachable(address: str) -> None:
@@ -177,8 +265,9 @@ def _local_copy(data: bytes | None, suffix: str) -> str | None:
     return str(path)
 
 
-def _check_nodes(ray, folders: list[str]) -> None:
-    """One probe task on every alive node: the folders exist there, and lookalike is this version."""
+def _check_nodes(ray, folders: list[str]) -> list[tuple[dict, dict]]:
+    """One probe task on every alive node: the folders exist there, and lookalike is this version.
+    Returns (node, its answer) for the nodes that answered."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
@@ -199,7 +288,7 @@ def _check_nodes(ray, folders: list[str]) -> None:
         raise LookalikeError("no node of the Ray cluster answered (are its nodes up?)")
     here = installed_version()
     for node, answer in answers:
-        name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
+        name = _node_name(node)
         if answer["version"] != here:
             raise LookalikeError(
                 f"Ray node {name} runs lookalike {answer['version']}, this machine {here}: "
@@ -210,6 +299,7 @@ def _check_nodes(ray, folders: list[str]) -> None:
                 f"Ray node {name} cannot read {path} ({reason}): every node must see the folders "
                 "at the same path (a shared file system)"
             )
+    return answers
 
 
 def installed_version() -> str:
@@ -229,4 +319,10 @@ def _probe(folders: list[str]) -> dict:
             unreadable.append((path, "no such folder"))
         elif not os.access(path, os.R_OK | os.X_OK):
             unreadable.append((path, "permission denied"))
-    return {"version": installed_version(), "unreadable": unreadable}
+    gpus = visible_gpus()
+    return {
+        "version": installed_version(),
+        "unreadable": unreadable,
+        "gpus": gpus,
+        "cuda_missing": missing_cuda_runtime("onnx") if gpus else None,
+    }

@@ -86,11 +86,12 @@ class DecodeOptions:
     max_pixels: int
     max_bytes: int
     known_hashes_file: str | None = None  # content already indexed: hashed, not decoded
-    # The exported ONNX model the decoders embed with, and its runtime; None (the torch runtime):
-    # they send pixels and the parent embeds them.
+    # The exported ONNX model the decoders embed with, and its runtime; None (the torch runtime,
+    # or a GPU in the parent): they send pixels and the parent embeds them.
     model_file: str | None = None
     model_runtime: str = "openvino"
     model_threads: int = 1
+    model_device: str = "cpu"  # a Ray embed stage's actors may hold a GPU (indexer.cluster)
 
 
 Job = tuple[Task, bool]  # (task, force): force decodes even bytes that are already indexed
@@ -149,21 +150,24 @@ def decode_chunk(options: DecodeOptions, jobs: list[Job]) -> list[Decoded]:
     """What one decoder does with a chunk of files, here or on a Ray node (`indexer.cluster`)."""
     results = [decode_one(options, task, force) for task, force in jobs]
     if options.model_file:
-        _embed(options, [d for d in results if d.pixels is not None])
+        embed_decoded(options, results)
     return results
 
 
-_sessions: dict[tuple[str, str, int], ModelSession] = {}
+_sessions: dict[tuple[str, str, int, str], ModelSession] = {}
 
 
-def _embed(options: DecodeOptions, decoded: list[Decoded]) -> None:
-    """Replace the pixels of `decoded` with their vectors, in one model call."""
+def embed_decoded(options: DecodeOptions, decoded: list[Decoded]) -> None:
+    """Replace the pixels among `decoded` with their vectors, in one model call."""
+    decoded = [d for d in decoded if d.pixels is not None]
     if not decoded:
         return
-    key = (options.model_file, options.model_runtime, options.model_threads)
+    key = (options.model_file, options.model_runtime, options.model_threads, options.model_device)
     if key not in _sessions:
         _sessions.clear()  # one run's model at a time
-        _sessions[key] = model_session(options.model_runtime, options.model_file, options.model_threads, spin=False)
+        _sessions[key] = model_session(
+            options.model_runtime, options.model_file, options.model_threads, spin=False, device=options.model_device
+        )
     try:
         vectors, norms = _sessions[key].run(np.stack([d.pixels for d in decoded]))
     except Exception:  # noqa: BLE001 - e.g. an unreadable model file: not these images' fault
@@ -223,6 +227,13 @@ def prefetch_options(settings) -> DecodeOptions | None:
 
     if settings.runtime not in EXPORTED_RUNTIMES:
         return None
+    from indexer.device import resolve_device
+
+    try:
+        parent_embeds = resolve_device(settings.device, settings.runtime) == "cuda"
+    except LookalikeError:
+        return None  # the run itself reports it
+
     cache = settings.model_cache or settings.resolved_home / "models"
     found = cached_model(settings.backbone or DEFAULT_BACKBONE, cache, settings.clip_weights)
     if found is None:
@@ -232,7 +243,7 @@ def prefetch_options(settings) -> DecodeOptions | None:
         preprocess,
         settings.max_image_pixels,
         settings.max_file_bytes,
-        model_file=str(model_path),
+        model_file=None if parent_embeds else str(model_path),  # the GPU is the parent's
         model_runtime=settings.runtime,
         model_threads=embed_threads(settings),
     )

@@ -20,6 +20,7 @@ import numpy as np
 from indexer import background_compaction, index_maintenance, store
 from indexer.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from indexer.database import checkpoint_sqlite, make_engine, session_factory, upgrade
+from indexer.device import resolve_device
 from indexer.errors import BackboneMismatch, IndexBusy
 from indexer.faults import checkpoint
 from indexer.filters import TagIndex
@@ -99,6 +100,7 @@ class Library:
                     clip_weights=self.settings.clip_weights,
                     threads=self.settings.threads,
                     spin=not self.batch,
+                    device=resolve_device(self.settings.device, self.settings.runtime),
                 )
             return self._backbone
 

@@ -203,7 +203,9 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
         for failure, replaces in plan.scan_failures:
             writer.add_failure(Task(failure.path, 0, 0, replaces=replaces), failure.reason)
         if plan.tasks:
-            pool.options, known = _decode_options(library, backbone, backbone_id)
+            pool.options, known = _decode_options(
+                library, backbone, backbone_id, on_cluster=isinstance(pool, ClusterDecoders)
+            )
             _run_decoders(pool, plan.tasks, writer, progress, known)
         elif progress:
             progress(0, 0)
@@ -222,7 +224,9 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
     return report
 
 
-def _decode_options(library: Library, backbone, backbone_id: int) -> tuple[DecodeOptions, frozenset[str]]:
+def _decode_options(
+    library: Library, backbone, backbone_id: int, *, on_cluster: bool = False
+) -> tuple[DecodeOptions, frozenset[str]]:
     """The decoders' settings, with the content already indexed written where they can read it."""
     settings = library.settings
     scratch = settings.resolved_home / "tmp"
@@ -234,15 +238,17 @@ def _decode_options(library: Library, backbone, backbone_id: int) -> tuple[Decod
     if known:
         known_file = scratch / f"known-hashes-{os.getpid()}.bin"
         write_known_hashes(known_file, known)
-    # Decoders embed with the ONNX model file; the torch runtime embeds their pixels here.
-    onnx = isinstance(backbone, OnnxBackbone)
+    # Decoders embed with the ONNX model file on their CPU; the torch runtime, and a model on a
+    # GPU, embed their pixels here (in batch_size batches).
+    # A Ray cluster gets the model file whatever this machine has: its nodes have their own devices.
+    onnx = isinstance(backbone, OnnxBackbone) and (backbone.device == "cpu" or on_cluster)
     options = DecodeOptions(
         backbone.preprocess,
         settings.max_image_pixels,
         settings.max_file_bytes,
         str(known_file) if known_file else None,
         model_file=str(backbone.model_path) if onnx else None,
-        model_runtime=backbone.runtime if onnx else settings.runtime,
+        model_runtime=settings.runtime,
         model_threads=embed_threads(settings),
     )
     return options, known

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     runtime: str = Field(
         default="openvino",
         description="Inference runtime: openvino or onnx (ONNX Runtime), both on the exported ONNX file; or torch",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where the model runs: cuda when a GPU and onnxruntime-gpu (or torch with CUDA) are there",
     )
     model_cache: Path | None = Field(default=None, description="Exported ONNX models; default: HOME/models")
     clip_weights: Path | None = Field(default=None, description="Local open_clip weights file for clip:* backbones")

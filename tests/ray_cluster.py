@@ -68,11 +68,13 @@ class RayCluster:
             self.add_worker(f"worker{i}")
         return self
 
-    def add_worker(self, name: str, cpus: int = 1, **env: str) -> None:
+    def add_worker(self, name: str, cpus: int = 1, gpus: int = 0, **env: str) -> None:
+        """`gpus`: what the node declares to Ray (it would count a GPU machine's own otherwise)."""
         self._node(
             name,
             f"--address={self.address}",
             f"--num-cpus={cpus}",
+            f"--num-gpus={gpus}",
             f'--resources={{"{name}": 1}}',
             "--node-ip-address=127.0.0.1",
             env=env,

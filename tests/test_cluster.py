@@ -10,6 +10,7 @@ exactly once, nothing reported failed that is not bad); and the setups refused w
 from __future__ import annotations
 
 import os
+import pickle
 import sqlite3
 import subprocess
 import time
@@ -21,6 +22,7 @@ from faults.faultlib import build_corpus, cli
 from ray_cluster import RayCluster, ray_env
 
 import databases
+from indexer.errors import LookalikeError
 from indexer.store import vector_from_bytes
 
 pytestmark = pytest.mark.cluster
@@ -46,9 +48,11 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def run_index(cluster: RayCluster | None, home: Path, model_cache: Path, folder: Path, *extra: str, wait=True):
+def run_index(
+    cluster: RayCluster | None, home: Path, model_cache: Path, folder: Path, *extra: str, wait=True, env=None
+):
     env = (cluster.env if cluster is not None else ray_env)(
-        LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home)
+        LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home), **(env or {})
     )
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     command = cli("index", str(folder), "-q", *extra)
@@ -217,3 +221,66 @@ def test_refused_setups_say_what_is_wrong(cluster, corpus, tmp_path, model_cache
     )
     assert proc.returncode == 1 and "pip install 'lookalike[ray]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_gpu_stage_embeds_what_the_decoders_send_as_a_decoder_would(corpus, model_cache):
+    """With GPUs, decoder actors send pixels and embed actors run the same session code: here on
+    the CPU (the device is the only difference on a GPU), in this process."""
+    from indexer.backbones import DEFAULT_BACKBONE, load_backbone
+    from indexer.cluster import ChunkDecoder, ChunkEmbedder
+    from indexer.decode_worker import DecodeOptions, Task
+
+    backbone = load_backbone(DEFAULT_BACKBONE, runtime="onnx", cache_dir=model_cache)
+    files = sorted(corpus.rglob("*.jpg"))[:6] + [corpus / "bad" / "notes.jpg"]
+    jobs = [(Task(str(p), p.stat().st_size, p.stat().st_mtime_ns), False) for p in files]
+    model_file = str(backbone.model_path)
+    options = DecodeOptions(backbone.preprocess, 10**8, 10**9, model_file=model_file, model_runtime="onnx")
+    model = backbone.model_path.read_bytes()
+    batch = {"jobs": np.array([pickle.dumps(jobs)], dtype=object)}
+
+    in_one = pickle.loads(ChunkDecoder(options, model, None)(batch)["results"][0])
+    pixels = ChunkDecoder(options, None, None)(batch)  # decoders of a GPU plan: no model
+    assert all(d.vector is None for d in pickle.loads(pixels["results"][0]))
+    in_two = pickle.loads(ChunkEmbedder(options, model, "cpu")(pixels)["results"][0])
+
+    assert [d.task.path for d in in_two] == [d.task.path for d in in_one]
+    for one, two in zip(in_one, in_two):
+        assert (one.error, one.content_hash) == (two.error, two.content_hash)
+        assert two.pixels is None
+        if one.vector is None:
+            assert two.vector is None and one.error
+        else:
+            np.testing.assert_allclose(two.vector, one.vector, atol=1e-5)
+            assert two.norm == pytest.approx(one.norm, rel=1e-5)
+
+
+def test_gpus_declared_to_ray_that_cannot_run_the_model(cluster, corpus, tmp_path, model_cache):
+    """A node that declares a GPU (`ray start --num-gpus 1`) but cannot run the model on one:
+    LOOKALIKE_DEVICE=cuda is refused naming the node and what it lacks, auto embeds on the CPUs
+    and says why."""
+    from indexer.device import choose_device, missing_cuda_runtime, visible_gpus
+
+    for name in ("worker0", "worker1"):
+        cluster.kill(name)
+    cluster.add_worker("gpu0", gpus=1)
+    try:
+        refused = run_index(cluster, tmp_path / "refused", model_cache, corpus, env={"LOOKALIKE_DEVICE": "cuda"})
+        auto = run_index(cluster, tmp_path / "auto", model_cache, corpus)
+    finally:
+        cluster.kill("gpu0")
+        cluster.add_worker("worker0")
+        cluster.add_worker("worker1")
+    try:
+        choose_device("cuda", visible_gpus(), missing_cuda_runtime("onnx"))
+    except LookalikeError:
+        pass
+    else:  # a machine with a GPU that ONNX Runtime can use, which the node sees too
+        for proc in (refused, auto):
+            assert proc.returncode == 0 and "embedding on 1 GPU(s) of the cluster" in proc.stderr, proc.stderr[-3000:]
+        return
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "Ray node 127.0.0.1" in refused.stderr and "has 1 GPU(s) for Ray but" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "has 1 GPU(s) for Ray but" in auto.stderr and "embedding on the CPUs" in auto.stderr
+    assert "added 120, updated 0, removed 0, unchanged 0, failed 2" in auto.stderr
