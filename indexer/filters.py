@@ -7,7 +7,8 @@ decides between a restricted search and over-fetching the unfiltered ranking.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from indexer.models import HeadRow, TagRow
+
+ANSWERS_KEPT = 16  # filters whose allowed ids a TagIndex remembers
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class TagIndex:
     def __init__(self, postings: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]):
         self.postings = postings
         self.heads = {head for head, _ in postings}
+        # Filters answered lately: the same array for the same filter, which the vector index
+        # keys its bitmap of the set on (VectorIndex.search_filtered). Postings never change in
+        # a TagIndex (a new one replaces it), so an entry is never stale.
+        self._answers: OrderedDict[TagFilter, np.ndarray] = OrderedDict()
+        self._answers_lock = threading.Lock()
         self._by_label: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key in postings:
             self._by_label[key[1]].append(key)
@@ -84,12 +92,31 @@ class TagIndex:
         return list(self._by_label.get(term, []))
 
     def allowed(self, tag_filter: TagFilter, universe: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
-        """Sorted ids that satisfy the filter.
+        """Sorted ids that satisfy the filter (read-only: the array may be handed out again).
 
         `universe` (all indexed ids, or a function returning them) is only used when the filter
         has no positive term; otherwise the postings already bound the set, and an id the index
-        lacks is simply never found by the search.
+        lacks is simply never found by the search. Answers of positive filters are remembered
+        (the last ANSWERS_KEPT); those of purely negative ones depend on the universe, not only
+        on the postings, and are not.
         """
+        positive = bool(tag_filter.all_of or tag_filter.any_of)
+        if positive:
+            with self._answers_lock:
+                found = self._answers.get(tag_filter)
+                if found is not None:
+                    self._answers.move_to_end(tag_filter)
+                    return found
+        allowed = self._evaluate(tag_filter, universe)
+        allowed.flags.writeable = False
+        if positive:
+            with self._answers_lock:
+                self._answers[tag_filter] = allowed
+                while len(self._answers) > ANSWERS_KEPT:
+                    self._answers.popitem(last=False)
+        return allowed
+
+    def _evaluate(self, tag_filter: TagFilter, universe) -> np.ndarray:
         positive = [self.matching(t, tag_filter.min_score) for t in tag_filter.all_of]
         if tag_filter.any_of:
             positive.append(

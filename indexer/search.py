@@ -113,10 +113,10 @@ def _ranked(
         (hits,) = index.search(vector[None], want, exact=exact)
         strategy = "unfiltered" if index.ann is None else ("exact-scan" if exact else "ann")
     else:
+        # The query image stays in the allowed set and leaves with the hits (below), as for an
+        # unfiltered search: the set is then the same for every query with this filter, and so
+        # is the copy of its rows that the exact strategy keeps (Float16Store.exact_subset).
         allowed = library.tag_index().allowed(tag_filter, index.ids)
-        if exclude is not None:
-            allowed = allowed[allowed != exclude]
-            want = pool
         hits, strategy = index.search_filtered(vector, want, allowed, exact=exact)
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()

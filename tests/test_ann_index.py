@@ -577,3 +577,77 @@ def test_backup_and_restore_carry_the_approximate_index(tmp_path, model_cache):
     finally:
         before.close()
         after.close()
+
+
+def test_more_like_an_image_inside_a_filter_leaves_it_out_and_scores_one_copy(tmp_path, model_cache):
+    """ "More like this" on a result of a filtered view: the query image is in the allowed set.
+    It is left out of the results, which are the exact filtered ranking of the others, and every
+    such query scores the same copy of the filter's rows (a set without the query image would
+    be a new copy, 16-27 ms at 1M, each time)."""
+    import io
+
+    from sqlalchemy import insert
+
+    from indexer import store
+    from indexer.filters import TagFilter
+    from indexer.models import HeadRow, TagRow
+    from indexer.search import search_similar
+
+    home = tmp_path / "home"
+    assert (
+        run_cli(
+            ["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"],
+            base_env(home, model_cache, **SMALL_ANN),
+        ).returncode
+        == 0
+    )
+    library = library_at(home, model_cache, ann_threshold=2000, compact_at=150)
+    index = library.index()
+    assert index.ann is not None
+    ids = np.asarray(index.ann.store.ids)
+    allowed = np.sort(np.random.default_rng(5).choice(ids, 300, replace=False))
+    with library.sessions.begin() as session:
+        backbone = store.backbone_in_use(session)
+        blob = io.BytesIO()
+        np.savez(blob, weight=np.zeros((1, DIM), np.float32), bias=np.full(1, -20.0, np.float32))
+        head = HeadRow(name="pick", kind="multilabel", backbone_id=backbone.id, labels=["in"], weights=blob.getvalue())
+        session.add(head)
+        session.flush()
+        session.execute(
+            insert(TagRow), [{"image_id": int(i), "head_id": head.id, "label": "in", "score": 0.9} for i in allowed]
+        )
+    library.tags_changed()
+    _, vectors = index.ann.store.get(ids)
+    for image_id in allowed[:8]:
+        response = search_similar(library, int(image_id), K, TagFilter(("pick:in",)))
+        got = [r.id for r in response.results]
+        assert response.strategy == "subset" and int(image_id) not in got and len(got) == K
+        query = vectors[np.searchsorted(ids, image_id)]
+        want = [i for i in brute_force(ids, vectors, query, K + 1, allowed) if i != image_id][:K]
+        assert got == want
+    assert len(index.ann.store._subsets) == 1
+    library.close()
+
+
+def test_a_large_filters_bitmap_is_kept_per_array_and_never_outlives_a_removal(tmp_path, monkeypatch):
+    """Above the exact-scan size, the allowed set becomes a bitmap over ids: kept for a read-only
+    array (what TagIndex hands out for a filter), built afresh for a writable one, and rebuilt
+    once an image is removed, which then never comes back."""
+    monkeypatch.setattr(vi, "EXACT_SCAN_MAX", 100)
+    settings = Settings(home=tmp_path, ann_threshold=2000, compact_at=10_000)
+    ids, x, index = switched_index(tmp_path / "index", 3000, 80, 17, settings)
+    allowed = np.sort(np.random.default_rng(18).choice(ids, 1500, replace=False))
+    allowed.flags.writeable = False
+    q = clustered(1, 80, seed=19)[0]
+    hits, strategy = index.search_filtered(q, K, allowed)
+    assert strategy == "ann-filtered" and all(h.id in set(allowed.tolist()) for h in hits)
+    assert len(index._bitmaps) == 1
+    again, _ = index.search_filtered(q, K, allowed)
+    assert again == hits and len(index._bitmaps) == 1
+    index.search_filtered(q, K, allowed.copy())  # writable: not kept
+    assert len(index._bitmaps) == 1
+    gone = hits[0].id
+    index.remove([gone])
+    after, _ = index.search_filtered(q, K, allowed)
+    assert gone not in [h.id for h in after] and len(after) == K
+    assert [h.id for h in after][: K - 1] == [h.id for h in hits][1:K]

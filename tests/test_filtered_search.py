@@ -472,3 +472,21 @@ def test_a_refresh_swaps_in_new_tag_postings_loaded_beside_the_served_ones(tmp_p
     assert server.tag_index().allowed(b, np.array(ids)).tolist() == ids[5:8]
     writer.close()
     server.close()
+
+
+def test_a_filter_is_answered_once_and_the_same_array_handed_out_after(synthetic):
+    """TagIndex remembers positive filters' answers (read-only, the same array each time, which
+    the vector index keys its bitmaps on); a purely negative filter depends on the universe as
+    well, and follows it."""
+    tags = synthetic.tags
+    tag_filter = TagFilter(("h1:half", "h2:half"), none_of=("h2:tenth",))
+    first = tags.allowed(tag_filter, synthetic.index.ids)
+    again = tags.allowed(TagFilter(("h1:half", "h2:half"), none_of=("h2:tenth",)), synthetic.index.ids)
+    assert again is first and not first.flags.writeable
+    with pytest.raises(ValueError):
+        first[0] = -1
+    negative = TagFilter(none_of=("h1:tenth",))
+    everything = tags.allowed(negative, synthetic.ids)
+    fewer = tags.allowed(negative, synthetic.ids[: len(synthetic.ids) // 2])
+    assert len(fewer) < len(everything)
+    assert np.array_equal(fewer, np.setdiff1d(synthetic.ids[: len(synthetic.ids) // 2], tags.matching("h1:tenth", 0)))
