@@ -107,7 +107,7 @@ def index(
         typer.Option(
             "--ray",
             metavar="ADDRESS",
-            help="Decode and embed on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+            help="Decode and embed on this Ray cluster: auto or HOST:PORT (a machine of the cluster) "
             "[env: LOOKALIKE_RAY_ADDRESS]",
         ),
     ] = None,

@@ -193,6 +193,9 @@ def main() -> None:
         out["import_seconds"] = round(seconds, 1)
         out["import_log"] = log[-2000:]
         print(f"lookalike import of {opts.n} vectors incl. the index build: {seconds:.0f} s", flush=True)
+        # What the import left in SQLite's write-ahead log: the next process would replay it.
+        wal = home / "lookalike.db-wal"
+        out["wal_bytes_after_import"] = wal.stat().st_size if wal.exists() else 0
         store, manifest = store_of(home)
         out["index"] = {k: manifest["ann"][k] for k in ("kind", "nlist", "nprobe", "recall_at_10", "build_seconds")}
         print(f"index: {out['index']}", flush=True)

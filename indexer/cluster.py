@@ -27,10 +27,12 @@ its own, which pins the failure on the file, as a local run does.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -71,6 +73,15 @@ class ClusterDecoders:
     def __init__(self, address: str, folders: list[str], *, actors: int = 0, device: str = "auto"):
         if device not in DEVICES:
             raise LookalikeError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+        if address.startswith("ray://"):
+            # Ray Data needs a driver that is part of the cluster (ray-project/ray#48682): through
+            # Ray Client it fails deep in its executor, after the cluster has been set to work.
+            raise LookalikeError(
+                f"{address} is a Ray Client address, and Ray Data (which schedules the decoders) "
+                "does not run through Ray Client: run `lookalike index --ray HOST:PORT` (the head's "
+                "port, 6379 by default) on a machine of the cluster, or submit it as a Ray job: "
+                "`ray job submit --address http://HEAD:8265 -- lookalike index --ray auto DIR`"
+            )
         ray = _ray()
         self.options: DecodeOptions | None = None
         self.note: str | None = None  # how the work is spread, for the user
@@ -116,6 +127,8 @@ class ClusterDecoders:
         context = DataContext.get_current()
         context.max_errored_blocks = -1  # a chunk that fails for good is redone here, not the run
         context.enable_progress_bars = False
+        # Ray Data narrates every execution at INFO on stderr: the run's own progress says it all.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         model = _file_bytes(self.options.model_file)
         known = _file_bytes(self.options.known_hashes_file)
         chunks = [jobs[i : i + CHUNK_FILES] for i in range(0, len(jobs), CHUNK_FILES)]
@@ -123,27 +136,21 @@ class ClusterDecoders:
         model_ref = ray.put(model)
         gpu_stage = bool(self.embed_gpus and model)
         decoder_model = None if gpu_stage else model_ref  # decoders then send pixels to the GPUs
-        decoded = rows.map_batches(
+        decoded = _actor_stage(
+            rows,
             ChunkDecoder,
-            fn_constructor_kwargs={"options": self.options, "model": decoder_model, "known": ray.put(known)},
-            batch_size=1,
-            batch_format="numpy",
-            concurrency=(1, self.actors),
+            {"options": self.options, "model": decoder_model, "known": ray.put(known)},
+            actors=self.actors,
             num_cpus=1,
-            max_restarts=-1,
-            max_task_retries=RETRIES,
         )
         if gpu_stage:
-            decoded = decoded.map_batches(
+            decoded = _actor_stage(
+                decoded,
                 ChunkEmbedder,
-                fn_constructor_kwargs={"options": self.options, "model": model_ref, "device": "cuda"},
-                batch_size=1,
-                batch_format="numpy",
-                concurrency=(1, self.embed_gpus),
+                {"options": self.options, "model": model_ref, "device": "cuda"},
+                actors=self.embed_gpus,
                 num_cpus=0,
                 num_gpus=1,
-                max_restarts=-1,
-                max_task_retries=RETRIES,
             )
         seen: set = set()
         for row in decoded.iter_rows():
@@ -156,6 +163,26 @@ class ClusterDecoders:
                 self._isolated = IsolatedDecoder()
             for job in missing:
                 yield [self._isolated.decode(self.options, job)]
+
+
+def _actor_stage(rows, actor_class, constructor_kwargs: dict, *, actors: int, **resources):
+    """`map_batches` over single chunks with an autoscaling pool of up to `actors` actors,
+    restarted when they die, each chunk retried RETRIES times before it counts as failed."""
+    ray = _ray()
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for the retries (its default retries forever, which
+        # a file that kills every decoder would turn into a run that never ends).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return rows.map_batches(
+            actor_class,
+            fn_constructor_kwargs=constructor_kwargs,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+            max_restarts=-1,
+            max_task_retries=RETRIES,
+            **resources,
+        )
 
 
 class ChunkDecoder:
@@ -286,7 +313,12 @@ def _check_nodes(ray, folders: list[str]) -> list[tuple[dict, dict]]:
             continue
     if not answers:
         raise LookalikeError("no node of the Ray cluster answered (are its nodes up?)")
-    here = installed_version()
+    refuse_mismatches(answers, installed_version())
+    return answers
+
+
+def refuse_mismatches(answers: list[tuple[dict, dict]], here: str) -> None:
+    """A clear error for the first node that runs another lookalike or cannot see a folder."""
     for node, answer in answers:
         name = _node_name(node)
         if answer["version"] != here:
@@ -299,7 +331,6 @@ def _check_nodes(ray, folders: list[str]) -> list[tuple[dict, dict]]:
                 f"Ray node {name} cannot read {path} ({reason}): every node must see the folders "
                 "at the same path (a shared file system)"
             )
-    return answers
 
 
 def installed_version() -> str:

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     threads: int = Field(default=0, ge=0, description="Inference threads; 0 = one per CPU core")
     ray_address: str | None = Field(
         default=None,
-        description="Decode and embed on this Ray cluster (auto, HOST:PORT, ray://HOST:PORT); needs lookalike[ray]",
+        description="Decode and embed on this Ray cluster (auto or HOST:PORT; not ray://); needs lookalike[ray]",
     )
     ray_actors: int = Field(
         default=0, ge=0, description="Decoder actors on the Ray cluster, one CPU each; 0 = one per cluster CPU"

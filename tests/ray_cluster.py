@@ -13,6 +13,7 @@ custom resource naming it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -62,14 +63,21 @@ class RayCluster:
     def start(self, workers: int = 2) -> RayCluster:
         subprocess.run(["ip", "netns", "add", self.namespace], check=True)
         subprocess.run(self.netns("ip", "link", "set", "lo", "up"), check=True)
-        self._node("head", "--head", f"--port={HEAD_PORT}", "--num-cpus=0", "--node-ip-address=127.0.0.1")
-        self._wait_for_nodes(1)
+        self._node(
+            "head",
+            "--head",
+            f"--port={HEAD_PORT}",
+            "--num-cpus=0",
+            "--node-ip-address=127.0.0.1",
+        )
+        self._wait_for_node("head", set())
         for i in range(workers):
             self.add_worker(f"worker{i}")
         return self
 
     def add_worker(self, name: str, cpus: int = 1, gpus: int = 0, **env: str) -> None:
         """`gpus`: what the node declares to Ray (it would count a GPU machine's own otherwise)."""
+        known = set(self.alive_nodes())  # a node of the same name killed moments ago among them
         self._node(
             name,
             f"--address={self.address}",
@@ -79,7 +87,7 @@ class RayCluster:
             "--node-ip-address=127.0.0.1",
             env=env,
         )
-        self._wait_for_nodes(len(self.nodes))
+        self._wait_for_node(name, known)
 
     def _node(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the node's life
@@ -98,10 +106,12 @@ class RayCluster:
             start_new_session=True,
         )
 
-    def alive_nodes(self) -> int:
+    def alive_nodes(self) -> dict[str, dict]:
+        """NodeID -> resources of the nodes Ray lists alive (a node killed moments ago among them,
+        until its heartbeats time out)."""
         code = (
-            "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
-            "print(sum(n['Alive'] for n in ray.nodes()))"
+            "import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
+            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
         )
         proc = subprocess.run(
             self.netns(sys.executable, "-c", code),
@@ -110,18 +120,23 @@ class RayCluster:
             text=True,
             timeout=120,
         )
-        return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
+        if proc.returncode != 0 or not proc.stdout.strip():
+            return {}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def _wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+    def _wait_for_node(self, name: str, known: set[str], timeout: float = 120) -> None:
+        """Until a node named `name` (its custom resource; the head's own marker) that is not one
+        of the `known` NodeIDs is alive: counting nodes would count a killed one still listed."""
+        marker = "node:__internal_head__" if name == "head" else name
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name, proc in self.nodes.items():
+            for node, proc in self.nodes.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"Ray node {name} exited: {(self.root / f'{name}.log').read_text()[-3000:]}")
-            if self.alive_nodes() >= count:
+                    raise RuntimeError(f"Ray node {node} exited: {(self.root / f'{node}.log').read_text()[-3000:]}")
+            if any(marker in resources for node_id, resources in self.alive_nodes().items() if node_id not in known):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the Ray cluster did not reach {count} nodes in {timeout} s")
+        raise RuntimeError(f"Ray node {name} did not join the cluster in {timeout} s")
 
     def kill(self, name: str) -> None:
         """kill -9 a node: its raylet and every process it started. Ray's workers start sessions

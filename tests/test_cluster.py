@@ -4,7 +4,9 @@ The cluster runs on this machine in a network namespace of its own: a head witho
 worker nodes of one CPU each, so every file decoded was decoded on a worker node. Checked: a Ray
 run stores what a local run stores (rows, failures, vectors to float32 precision); an incremental
 second run; a worker node killed in the middle of a run costs nothing (every file indexed
-exactly once, nothing reported failed that is not bad); and the setups refused with a clear error.
+exactly once, nothing reported failed that is not bad); the setups refused with a clear error
+(a ray:// Ray Client address and another lookalike version on a node among them); and GPUs: a
+node declaring one it cannot use, and the GPU embed stage's code run here on the CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +51,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run_index(
-    cluster: RayCluster | None, home: Path, model_cache: Path, folder: Path, *extra: str, wait=True, env=None
+    cluster: RayCluster | None,
+    home: Path,
+    model_cache: Path,
+    folder: Path,
+    *extra: str,
+    wait=True,
+    env=None,
+    address: str | None = None,
 ):
     env = (cluster.env if cluster is not None else ray_env)(
         LOOKALIKE_HOME=str(home), LOOKALIKE_MODEL_CACHE=str(model_cache), **databases.home_env(home), **(env or {})
@@ -57,7 +66,7 @@ def run_index(
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     command = cli("index", str(folder), "-q", *extra)
     if cluster is not None:
-        command = cluster.netns(*command[:3], "index", str(folder), "-q", "--ray", cluster.address, *extra)
+        command = cluster.netns(*command[:3], "index", str(folder), "-q", "--ray", address or cluster.address, *extra)
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -204,6 +213,11 @@ def test_refused_setups_say_what_is_wrong(cluster, corpus, tmp_path, model_cache
     assert proc.returncode == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+    # A Ray Client address: Ray Data does not run through Ray Client; said before connecting.
+    proc = run_index(cluster, home, model_cache, corpus, address="ray://127.0.0.1:10001")
+    assert proc.returncode == 1 and "does not run through Ray Client" in proc.stderr
+    assert "ray job submit" in proc.stderr and "Traceback" not in proc.stderr
+
     # A folder that does not exist on the nodes (nor here: the local check comes first for a
     # local run, the nodes' probe for a Ray run).
     missing = tmp_path / "elsewhere"
@@ -284,3 +298,19 @@ def test_gpus_declared_to_ray_that_cannot_run_the_model(cluster, corpus, tmp_pat
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert "has 1 GPU(s) for Ray but" in auto.stderr and "embedding on the CPUs" in auto.stderr
     assert "added 120, updated 0, removed 0, unchanged 0, failed 2" in auto.stderr
+
+
+def test_a_node_with_another_lookalike_version_is_refused_by_name():
+    """What the probes' answers lead to. (A node with another install cannot be made on one
+    machine: Ray workers search the driver's paths first, so they find this install.)"""
+    from indexer.cluster import refuse_mismatches
+
+    node = {"NodeManagerAddress": "10.0.0.7", "NodeID": "ab12cd34ef56"}
+    same = {"version": "0.2.0", "unreadable": []}
+    refuse_mismatches([(node, same)], "0.2.0")
+    with pytest.raises(
+        LookalikeError, match=r"Ray node 10.0.0.7 \(node ab12cd34\) runs lookalike 0.1.0, this machine 0.2.0"
+    ):
+        refuse_mismatches([(node, same), (node, {**same, "version": "0.1.0"})], "0.2.0")
+    with pytest.raises(LookalikeError, match="cannot read /shared/photos \\(permission denied\\)"):
+        refuse_mismatches([(node, {**same, "unreadable": [("/shared/photos", "permission denied")]})], "0.2.0")
