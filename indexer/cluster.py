@@ -98,6 +98,7 @@ class ClusterDecoders:
             if cpus < 1:
                 raise LookalikeError(f"the Ray cluster at {address} has no CPUs to decode on")
             self.embed_gpus, self.note = _plan_gpus(device, address, answers)
+            self.embed_device = "cuda"  # what the embed stage's sessions run on
             self.actors = actors or cpus
         except BaseException:
             ray.shutdown()
@@ -147,7 +148,7 @@ class ClusterDecoders:
             decoded = _actor_stage(
                 decoded,
                 ChunkEmbedder,
-                {"options": self.options, "model": model_ref, "device": "cuda"},
+                {"options": self.options, "model": model_ref, "device": self.embed_device},
                 actors=self.embed_gpus,
                 num_cpus=0,
                 num_gpus=1,

@@ -11,10 +11,12 @@ node declaring one it cannot use, and the GPU embed stage's code run here on the
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -314,3 +316,70 @@ def test_a_node_with_another_lookalike_version_is_refused_by_name():
         refuse_mismatches([(node, same), (node, {**same, "version": "0.1.0"})], "0.2.0")
     with pytest.raises(LookalikeError, match="cannot read /shared/photos \\(permission denied\\)"):
         refuse_mismatches([(node, {**same, "unreadable": [("/shared/photos", "permission denied")]})], "0.2.0")
+
+
+GPU_PLAN_DRIVER = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from indexer.backbones import DEFAULT_BACKBONE, load_backbone
+from indexer.cluster import ClusterDecoders
+from indexer.decode_worker import DecodeOptions, Task, decode_chunk
+
+address, folder, cache, out = sys.argv[1:5]
+backbone = load_backbone(DEFAULT_BACKBONE, runtime="onnx", cache_dir=Path(cache))
+files = sorted(Path(folder).rglob("*.jpg"))
+jobs = [(Task(str(p), p.stat().st_size, p.stat().st_mtime_ns), False) for p in files]
+cluster = ClusterDecoders(address, [folder], device="cpu")
+cluster.embed_gpus, cluster.embed_device = 1, "cpu"  # the GPU plan; the node's GPU is declared only
+cluster.options = DecodeOptions(
+    backbone.preprocess, 10**8, 10**9, model_file=str(backbone.model_path), model_runtime="onnx"
+)
+got = [d for results in cluster.decode(jobs) for d in results]
+cluster.close()
+here = {d.task.path: d for d in decode_chunk(cluster.options, jobs)}
+diff = max(float(np.abs(d.vector - here[d.task.path].vector).max()) for d in got if d.vector is not None)
+Path(out).write_text(json.dumps({
+    "files": len(got),
+    "distinct": len({d.task.path for d in got}),
+    "vectors": sum(d.vector is not None for d in got),
+    "pixels_left": sum(d.pixels is not None for d in got),
+    "errors": sorted(Path(d.task.path).name for d in got if d.error),
+    "same_errors": all(d.error == here[d.task.path].error for d in got),
+    "max_diff": diff,
+}))
+"""
+
+
+def test_the_gpu_plan_runs_on_ray_decoders_then_an_actor_holding_the_gpu(cluster, corpus, tmp_path, model_cache):
+    """The two-stage plan as Ray schedules it: decoder actors without the model, then an embed
+    actor that holds the GPU a node declares (`num_gpus=1`: only that node can take it), its
+    session on the CPU here (the one thing a real GPU changes). Every file comes back once,
+    embedded, with the vectors a one-stage decoder computes."""
+    for name in ("worker0", "worker1"):
+        cluster.kill(name)
+    cluster.add_worker("gpu0", gpus=1)
+    cluster.add_worker("worker0")
+    script = tmp_path / "driver.py"
+    script.write_text(GPU_PLAN_DRIVER)
+    out = tmp_path / "result.json"
+    env = cluster.env(PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        proc = subprocess.run(
+            cluster.netns(sys.executable, str(script), cluster.address, str(corpus), str(model_cache), str(out)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        for name in ("gpu0", "worker0"):
+            cluster.kill(name)
+        cluster.add_worker("worker0")
+        cluster.add_worker("worker1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["files"] == result["distinct"] == 122
+    assert result["vectors"] == 120 and result["pixels_left"] == 0
+    assert result["errors"] == ["notes.jpg", "truncated.jpg"] and result["same_errors"]
+    assert result["max_diff"] < 1e-5
