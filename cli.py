@@ -221,7 +221,17 @@ class _progress_bar:
 
 @app.command()
 def search(
-    query: Annotated[str, typer.Argument(help="An image file, or the id of an indexed image")],
+    queries: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="IMAGE_OR_ID...", help="Image files or ids of indexed images (several: examples)"),
+    ] = None,
+    like: Annotated[list[int] | None, typer.Option("--like", metavar="ID", help="Also like this indexed image")] = None,
+    unlike: Annotated[
+        list[int] | None, typer.Option("--unlike", metavar="ID", help="Unlike this indexed image (a negative example)")
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="Several examples: average (one averaged query) or best_score")
+    ] = "average",
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=10000, help="Number of results")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Must have this tag (head:label or label)")] = None,
@@ -233,19 +243,26 @@ def search(
     ] = False,
     home: HomeOption = None,
 ) -> None:
-    """Find the images most similar to QUERY, optionally only those with (or without) some tags."""
+    """Find the images most similar to the queries (and unlike --unlike), optionally only those
+    with (or without) some tags. The query images themselves are left out."""
     from indexer.filters import TagFilter
-    from indexer.search import search_image, search_similar
+    from indexer.search import Examples, search_examples
 
     tag_filter = TagFilter(tuple(tag or ()), tuple(any_tag or ()), tuple(not_tag or ()), min_score)
-    try:
-        library = _open(_settings(home))
+    uploads, positive = [], list(like or [])
+    for query in queries or []:
         if Path(query).is_file():
-            response = search_image(library, Path(query).read_bytes(), k, tag_filter, exact=exact)
+            uploads.append(Path(query).read_bytes())
         elif query.isdigit():
-            response = search_similar(library, int(query), k, tag_filter, exact=exact)
+            positive.append(int(query))
         else:
             _fail(f"{query} is neither an image file nor an image id")
+    if not uploads and not positive and not unlike:
+        _fail("give an image file or id to search by (or --unlike ID)")
+    examples = Examples(tuple(positive), tuple(unlike or ()), tuple(uploads))
+    try:
+        library = _open(_settings(home))
+        response = search_examples(library, examples, k, tag_filter, strategy=strategy, exact=exact)
     except LookalikeError as exc:
         _fail(str(exc))
     if as_json:

@@ -27,3 +27,7 @@ class NotIndexed(LookalikeError):
 
 class IndexBusy(LookalikeError):
     """Another process holds the home folder's write lock."""
+
+
+class BadQuery(LookalikeError):
+    """A query that cannot be answered as asked (no examples, examples that cancel out...)."""

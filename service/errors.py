@@ -7,7 +7,15 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from indexer.errors import BackboneMismatch, ImageRejected, IndexBusy, LookalikeError, NotIndexed, UnsupportedImage
+from indexer.errors import (
+    BackboneMismatch,
+    BadQuery,
+    ImageRejected,
+    IndexBusy,
+    LookalikeError,
+    NotIndexed,
+    UnsupportedImage,
+)
 from indexer.heads.storage import UnknownHead
 
 log = logging.getLogger("lookalike")
@@ -17,6 +25,7 @@ INTERNAL_ERROR = "internal error"
 _STATUS = [
     (UnsupportedImage, 415),
     (ImageRejected, 422),
+    (BadQuery, 422),
     (NotIndexed, 404),
     (UnknownHead, 404),
     (IndexBusy, 409),

@@ -350,6 +350,111 @@ def test_bad_k_is_422(client, indexed, k):
     assert similar.status_code == 422
 
 
+# -- several examples ---------------------------------------------------------------------------
+
+
+def stored_vectors(indexed: Indexed) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, unit vectors) as the database stores them: the ground truth for rankings."""
+    from indexer import store
+
+    library = Library(indexed.settings)
+    with library.sessions() as session:
+        parts = list(store.iter_vectors(session, store.backbone_in_use(session).id))
+    library.close()
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.float64)
+
+
+def brute_force(ids: np.ndarray, scores: np.ndarray, leave_out: set[int], k: int) -> list[int]:
+    keep = np.array([i not in leave_out for i in ids.tolist()])
+    order = np.lexsort((ids[keep], -scores[keep]))[:k]
+    return ids[keep][order].tolist()
+
+
+def test_search_by_several_examples_ranks_as_the_strategy_says(client, indexed):
+    """average: cosine with mean(positives) - 0.5 mean(negatives), renormalised; best_score: the
+    best positive cosine, lowered by the margin a negative is closer by. Examples are left out;
+    uploads count as positives; scores are the strategy's."""
+    ids, vectors = stored_vectors(indexed)
+    by_id = dict(zip(ids.tolist(), vectors))
+    shoes = sorted(i for p, i in indexed.ids.items() if "/shoes/" in p)
+    others = sorted(i for p, i in indexed.ids.items() if "/shoes/" not in p and p.endswith(".jpg"))
+    pos, neg = shoes[:2], others[:1]
+    leave_out = set(pos) | set(neg)
+    k = 8
+
+    query = np.mean([by_id[i] for i in pos], axis=0) - 0.5 * by_id[neg[0]]
+    query /= np.linalg.norm(query)
+    response = client.post("/search", params={"positive": pos, "negative": neg, "k": k})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["strategy"].startswith("average")
+    assert result_ids(payload) == brute_force(ids, vectors @ query, leave_out, k)
+    assert [r["score"] for r in payload["results"]] == pytest.approx(
+        [float(by_id[i] @ query) for i in result_ids(payload)], abs=1e-4
+    )
+
+    best_positive = np.max(vectors @ np.stack([by_id[i] for i in pos]).T, axis=1)
+    best_negative = vectors @ by_id[neg[0]]
+    best = np.where(best_positive >= best_negative, best_positive, 2 * best_positive - best_negative)
+    response = client.post("/search", params={"positive": pos, "negative": neg, "k": k, "strategy": "best_score"})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    # 22 images: every one is among the positives' neighbours, so the ranking is exact here.
+    assert result_ids(payload) == brute_force(ids, best, leave_out, k)
+    assert payload["strategy"].startswith("best_score")
+
+    # An upload is a positive like an indexed image: the same bytes give the same ranking.
+    path = next(p for p, i in indexed.ids.items() if i == pos[1])
+    mixed = client.post(
+        "/search",
+        params={"positive": [pos[0]], "negative": neg, "k": k},
+        files={"file": ("q.jpg", Path(path).read_bytes(), "image/jpeg")},
+    ).json()
+    assert (
+        result_ids(mixed)[: k - 1]
+        == [i for i in brute_force(ids, vectors @ query, set(), k + 3) if i not in {pos[0], *neg}][: k - 1]
+    )
+
+    # Negatives alone: away from them.
+    away = client.post("/search", params={"negative": neg, "k": 3}).json()
+    assert result_ids(away) == brute_force(ids, -(vectors @ by_id[neg[0]]), set(neg), 3)
+
+    # Tag filters apply as for one image.
+    tag = "imagenet:" + client.get(f"/images/{shoes[0]}").json()["tags"][0]["label"]
+    filtered = client.post("/search", params={"positive": pos, "k": 5, "tag": tag}).json()
+    assert all(any(f"{t['head']}:{t['label']}" == tag for t in r["tags"]) for r in filtered["results"])
+    assert not set(result_ids(filtered)) & set(pos)
+
+
+def test_cli_search_by_several_examples_is_the_api_search(client, indexed):
+    """`lookalike search ID ID --unlike ID --strategy best_score --json` answers as POST /search does."""
+    shoes = sorted(i for p, i in indexed.ids.items() if "/shoes/" in p)
+    other = next(i for p, i in sorted(indexed.ids.items()) if "/shoes/" not in p)
+    for strategy in ("average", "best_score"):
+        api = client.post(
+            "/search", params={"positive": shoes[:2], "negative": [other], "k": 6, "strategy": strategy}
+        ).json()
+        args = ["search", str(shoes[0]), "--like", str(shoes[1]), "--unlike", str(other), "--strategy", strategy]
+        args += ["-k", "6", "--json", "--home", str(indexed.home)]
+        run = CliRunner().invoke(cli.app, args, catch_exceptions=False, env=databases.cli_env(args))
+        assert run.exit_code == 0, run.output
+        assert result_ids(json.loads(run.stdout)) == result_ids(api)
+    args = ["search", "--strategy", "median", str(shoes[0]), str(shoes[1]), "--home", str(indexed.home)]
+    run = CliRunner().invoke(cli.app, args, env=databases.cli_env(args))
+    assert run.exit_code == 1 and "unknown strategy 'median'" in run.output
+
+
+def test_several_examples_refused_clearly(client, indexed):
+    some = sorted(indexed.ids.values())[0]
+    assert client.post("/search", params={"positive": [some, 10**12]}).status_code == 404
+    bad = client.post("/search", params={"positive": [some, some + 1], "strategy": "median"})
+    assert bad.status_code == 422
+    cancel = client.post("/search", params={"positive": [some], "negative": [some]})
+    assert cancel.status_code == 422 and "both a positive and a negative" in cancel.json()["detail"]
+    too_many = client.post("/search", params={"positive": list(range(1, 60))})
+    assert too_many.status_code == 422
+
+
 def test_missing_file_part_is_422(client):
     response = client.post("/search", data={"k": "3"})
     assert response.status_code == 422

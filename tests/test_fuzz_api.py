@@ -117,8 +117,15 @@ def _strategies(operation, home: Home, jpeg: bytes) -> list[tuple[str, object, l
     if "{name}" in operation.path:
         pinned.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters={"name": "imagenet"}))
     if operation.path == "/search":
+        # Real examples by id. (A schema's array of binary parts is sent without file names,
+        # which makes them form fields, not files: real uploads are pinned in test_api.py.)
         pinned.append(
-            operation.as_strategy(GenerationMode.POSITIVE, body={"file": jpeg}, media_type="multipart/form-data")
+            operation.as_strategy(
+                GenerationMode.POSITIVE,
+                query={"positive": home.ids[:2], "negative": home.ids[2:3]},
+                body={},
+                media_type="multipart/form-data",
+            )
         )
     if pinned:
         out.append(("pinned", st.one_of(pinned), [positive_data_acceptance]))
