@@ -111,7 +111,7 @@ class RayCluster:
         until its heartbeats time out)."""
         code = (
             "import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
-            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
+            "print('NODES', json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
         )
         proc = subprocess.run(
             self.netns(sys.executable, "-c", code),
@@ -120,9 +120,9 @@ class RayCluster:
             text=True,
             timeout=120,
         )
-        if proc.returncode != 0 or not proc.stdout.strip():
-            return {}
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        # Ray's own log lines ("[2026-… W …] network_util.cc…") may come before or after ours.
+        found = [line for line in proc.stdout.splitlines() if line.startswith("NODES ")]
+        return json.loads(found[-1].removeprefix("NODES ")) if proc.returncode == 0 and found else {}
 
     def _wait_for_node(self, name: str, known: set[str], timeout: float = 120) -> None:
         """Until a node named `name` (its custom resource; the head's own marker) that is not one
