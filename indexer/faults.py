@@ -7,6 +7,7 @@ list of `NAME:N=ACTION`: the Nth time this process reaches checkpoint NAME, ACTI
     kill     SIGKILL this very process (no cleanup, no atexit, no flush)
     enospc   raise OSError(ENOSPC) ("No space left on device")
     eacces   raise PermissionError(EACCES)
+    stop     SIGSTOP this very process; it carries on when sent SIGCONT (a test holds a run still)
 
 e.g. LOOKALIKE_FAULTS="commit:3=kill,index-write:1=enospc". Checkpoints in the code:
 decode, embed, commit, committed, index-write, manifest-write, head-save, tag, reindex,
@@ -25,7 +26,7 @@ from collections import Counter
 
 ENV = "LOOKALIKE_FAULTS"
 TRACE_ENV = "LOOKALIKE_FAULTS_TRACE"
-ACTIONS = ("kill", "enospc", "eacces")
+ACTIONS = ("kill", "enospc", "eacces", "stop")
 
 
 def _parse(spec: str) -> dict[str, dict[int, str]]:
@@ -47,6 +48,9 @@ def _parse(spec: str) -> dict[str, dict[int, str]]:
 def _fire(action: str, path: object) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     filename = None if path is None else str(path)
     if action == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (injected)", filename)

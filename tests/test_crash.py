@@ -45,11 +45,11 @@ def open_library(home: Path, model_cache: Path, notes: list[str] | None = None) 
     )
 
 
-def start_index(folder: Path, home: Path) -> subprocess.Popen:
+def start_index(folder: Path, home: Path, faults: str | None = None) -> subprocess.Popen:
     """The real console script in its own process group, so a kill takes its decoder workers too."""
     return subprocess.Popen(
         cli_command("index", str(folder), "--home", str(home), "--batch-size", "8", "-q"),
-        env={**os.environ, **databases.home_env(home)},
+        env={**os.environ, **databases.home_env(home), **({"LOOKALIKE_FAULTS": faults} if faults else {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,6 +66,15 @@ def kill(proc: subprocess.Popen) -> bool:
         pass
     proc.communicate(timeout=60)
     return alive
+
+
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the process is stopped by a signal (state T in /proc): a `stop` fault reached."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert proc.poll() is None, "the run ended before it reached its stop"
+        assert time.monotonic() < deadline, f"not stopped within {timeout} s"
+        time.sleep(0.01)
 
 
 def wait_for(proc: subprocess.Popen, home: Path, at_least: int, timeout: float = 120) -> None:
@@ -143,9 +152,11 @@ def test_killed_runs_resume_to_the_same_index(tmp_path, many_photos, model_cache
     # The reference: one run never interrupted, into its own home. While it holds the write lock a
     # second writer is refused, in-process and through the CLI, rather than allowed to interleave.
     ref_home = tmp_path / "reference"
-    proc = start_index(many_photos, ref_home)
-    wait_for(proc, ref_home, 1)
-    assert proc.poll() is None, "the reference run ended before the lock could be tested"
+    # Held still after its first commit (SIGSTOP), lock in hand: on a busy machine a free-running
+    # reference could finish between the two checks.
+    proc = start_index(many_photos, ref_home, faults="committed:1=stop")
+    wait_until_stopped(proc)
+    assert databases.committed_embeddings(ref_home) >= 1
     intruder = open_library(ref_home, model_cache)
     with pytest.raises(IndexBusy, match=f"being written by pid {proc.pid}"):
         index_folders(intruder, [str(many_photos)])
@@ -154,6 +165,7 @@ def test_killed_runs_resume_to_the_same_index(tmp_path, many_photos, model_cache
         cli.app, ["index", str(many_photos), "--home", str(ref_home), "-q"], env=databases.home_env(ref_home)
     )
     assert busy.exit_code == 1 and "being written by pid" in busy.stderr
+    os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert f"added {total}, updated 0, removed 0, unchanged 0, failed 0" in err
