@@ -7,8 +7,7 @@ decides between a restricted search and over-fetching the unfiltered ranking.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from indexer.lru import Lru
 from indexer.models import HeadRow, TagRow
 
 ANSWERS_KEPT = 16  # filters whose allowed ids a TagIndex remembers
@@ -43,8 +43,7 @@ class TagIndex:
         # Filters answered lately: the same array for the same filter, which the vector index
         # keys its bitmap of the set on (VectorIndex.search_filtered). Postings never change in
         # a TagIndex (a new one replaces it), so an entry is never stale.
-        self._answers: OrderedDict[TagFilter, np.ndarray] = OrderedDict()
-        self._answers_lock = threading.Lock()
+        self._answers = Lru(ANSWERS_KEPT)
         self._by_label: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key in postings:
             self._by_label[key[1]].append(key)
@@ -101,19 +100,13 @@ class TagIndex:
         on the postings, and are not.
         """
         positive = bool(tag_filter.all_of or tag_filter.any_of)
-        if positive:
-            with self._answers_lock:
-                found = self._answers.get(tag_filter)
-                if found is not None:
-                    self._answers.move_to_end(tag_filter)
-                    return found
+        found = self._answers.get(tag_filter) if positive else None
+        if found is not None:
+            return found
         allowed = self._evaluate(tag_filter, universe)
         allowed.flags.writeable = False
         if positive:
-            with self._answers_lock:
-                self._answers[tag_filter] = allowed
-                while len(self._answers) > ANSWERS_KEPT:
-                    self._answers.popitem(last=False)
+            self._answers.put(tag_filter, allowed)
         return allowed
 
     def _evaluate(self, tag_filter: TagFilter, universe) -> np.ndarray:

@@ -15,9 +15,7 @@ import io
 import json
 import os
 import shutil
-import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from indexer.ann import UNTUNED_RERANK, AnnSegment, candidates_for, open_segment, rerank, segment_files
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
+from indexer.lru import Lru
 from indexer.vector_store import SCAN_CHUNK, fsync_path
 
 MANIFEST = "index.json"
@@ -102,9 +101,8 @@ class VectorIndex:
         self.tombstones = np.zeros(0, dtype=np.int64) if tombstones is None else np.asarray(tombstones, np.int64)
         self._dead_rows = self._rows_dead()
         self._dead_count = int(self._dead_rows.sum())  # len() is asked per query: 0.4 ms to count at 1M
-        self._rows_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._bitmaps: OrderedDict[int, tuple] = OrderedDict()  # see _bitmap
-        self._rows_lock = threading.Lock()
+        self._rows_cache = Lru(LIVE_ROWS_CACHED)  # see _live_rows
+        self._bitmaps = Lru(BITMAPS_CACHED)  # see _bitmap
 
     @property
     def layout(self) -> str:
@@ -222,18 +220,12 @@ class VectorIndex:
         key = hashlib.blake2b(allowed.tobytes(), digest_size=16)
         key.update(self.tombstones.tobytes())
         key = key.digest()
-        with self._rows_lock:
-            rows = self._rows_cache.get(key)
-            if rows is not None:
-                self._rows_cache.move_to_end(key)
-                return rows
-        rows, found = self.ann.store.rows_of(allowed)
-        found[found] = ~self._dead_rows[rows[found]]
-        rows = rows[found]
-        with self._rows_lock:
-            self._rows_cache[key] = rows
-            while len(self._rows_cache) > LIVE_ROWS_CACHED:
-                self._rows_cache.popitem(last=False)
+        rows = self._rows_cache.get(key)
+        if rows is None:
+            rows, found = self.ann.store.rows_of(allowed)
+            found[found] = ~self._dead_rows[rows[found]]
+            rows = rows[found]
+            self._rows_cache.put(key, rows)
         return rows
 
     def search_filtered(
@@ -280,21 +272,15 @@ class VectorIndex:
         same read-only array for the same filter, and hashing 500k ids would cost more than the
         bitmap. An entry holds its array weakly and answers only for that very array (an id of
         a dead array may be reused), at the tombstone count it was built with."""
-        key = id(allowed)
-        with self._rows_lock:
-            entry = self._bitmaps.get(key)
-            if entry is not None and entry[0]() is allowed and entry[1] == len(self.tombstones):
-                self._bitmaps.move_to_end(key)
-                return entry[2]
+        entry = self._bitmaps.get(id(allowed))
+        if entry is not None and entry[0]() is allowed and entry[1] == len(self.tombstones):
+            return entry[2]
         bits = np.zeros(max(int(allowed[-1]), int(self.ann.store.ids[-1])) + 1, dtype=bool)
         bits[allowed] = True
         bits[self.tombstones] = False
         bitmap = np.packbits(bits, bitorder="little")
         if not allowed.flags.writeable:  # a writable array might change under its entry
-            with self._rows_lock:
-                self._bitmaps[key] = (weakref.ref(allowed), len(self.tombstones), bitmap)
-                while len(self._bitmaps) > BITMAPS_CACHED:
-                    self._bitmaps.popitem(last=False)
+            self._bitmaps.put(id(allowed), (weakref.ref(allowed), len(self.tombstones), bitmap))
         return bitmap
 
     def _flat_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> list[Hit]:
