@@ -18,6 +18,7 @@ from indexer.errors import BadQuery, NotIndexed
 from indexer.filters import TagFilter
 from indexer.heads.storage import tags_of
 from indexer.library import Library
+from indexer.vector_index import Hit
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,16 @@ def search_similar(
 ) -> SearchResponse:
     """Nearest neighbours of an indexed image, the image itself left out."""
     started = time.perf_counter()
-    index = library.index(repair_on_disk=False)
+    vector = _stored_vector(library.index(repair_on_disk=False), image_id)
+    # Its signature is read in _ranked, in the same lookup as the candidates'.
+    return _ranked(library, Query(vector, None), k, started, {}, tag_filter, exclude=image_id, exact=exact)
+
+
+def _stored_vector(index, image_id: int) -> np.ndarray:
     vector = index.reconstruct(image_id) if 0 < image_id < 2**63 else None  # ids are SQL BIGINTs
     if vector is None:
         raise NotIndexed(f"no indexed image with id {image_id}")
-    # Its signature is read in _ranked, in the same lookup as the candidates'.
-    return _ranked(library, Query(vector, None), k, started, {}, tag_filter, exclude=image_id, exact=exact)
+    return vector
 
 
 def _ranked(
@@ -201,13 +206,13 @@ def search_examples(
     positives, negatives, timings = _example_vectors(library, examples)
     if not positives and not negatives:
         raise BadQuery("no examples: give at least one positive (an image id or an upload) or negative")
-    averaged = _averaged(positives, negatives)
     t0 = time.perf_counter()
     leave_out = examples.ids
     if strategy == "average":
-        hits, name = _nearest(library, averaged, k + len(leave_out), tag_filter, exact)
+        hits, name = _nearest(library, _averaged(positives, negatives), k + len(leave_out), tag_filter, exact)
     else:
-        hits, name = _best_scored(library, positives or [averaged], negatives, k, leave_out, tag_filter, exact)
+        around = positives or [_averaged(positives, negatives)]  # negatives alone: away from them
+        hits, name = _best_scored(library, around, negatives, k, leave_out, tag_filter, exact)
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     signature = None  # several examples: no one image whose copies should come first
@@ -218,15 +223,8 @@ def search_examples(
 
 def _example_vectors(library: Library, examples: Examples) -> tuple[list, list, dict[str, float]]:
     index = library.index(repair_on_disk=False)
-
-    def stored(image_id: int) -> np.ndarray:
-        vector = index.reconstruct(image_id) if 0 < image_id < 2**63 else None
-        if vector is None:
-            raise NotIndexed(f"no indexed image with id {image_id}")
-        return vector
-
-    positives = [stored(i) for i in examples.positive]
-    negatives = [stored(i) for i in examples.negative]
+    positives = [_stored_vector(index, i) for i in examples.positive]
+    negatives = [_stored_vector(index, i) for i in examples.negative]
     timings: dict[str, float] = {}
     for data in examples.uploads:
         query, spent = embed_image_bytes(library, data)
@@ -247,8 +245,6 @@ def _averaged(positives: list, negatives: list) -> np.ndarray:
 
 
 def _best_scored(library, positives, negatives, k, leave_out, tag_filter, exact) -> tuple[list, str]:
-    from indexer.vector_index import Hit
-
     pool = max(4 * k, BEST_SCORE_POOL) + len(leave_out)
     found: set[int] = set()
     name = ""
