@@ -49,7 +49,7 @@ from indexer.decode_worker import (
     embed_decoded,
     file_key,
 )
-from indexer.device import DEVICES, missing_cuda_runtime, visible_gpus
+from indexer.device import check_device, missing_cuda_runtime, visible_gpus
 from indexer.errors import LookalikeError
 
 RAY_EXTRA_HINT = "pip install 'lookalike[ray]'"
@@ -71,8 +71,7 @@ class ClusterDecoders:
     """Stands in for `decode_worker.DecoderPool` in a run whose decoding happens on a Ray cluster."""
 
     def __init__(self, address: str, folders: list[str], *, actors: int = 0, device: str = "auto"):
-        if device not in DEVICES:
-            raise LookalikeError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+        check_device(device)
         if address.startswith("ray://"):
             # Ray Data needs a driver that is part of the cluster (ray-project/ray#48682): through
             # Ray Client it fails deep in its executor, after the cluster has been set to work.
@@ -191,13 +190,10 @@ class ChunkDecoder:
     then `decode_chunk` on every chunk it is given (the model session stays open between them)."""
 
     def __init__(self, options: DecodeOptions, model, known):
-        ray = _ray()
-        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
-        known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
         self.options = replace(
             options,
-            model_file=_local_copy(model, ".onnx"),
-            known_hashes_file=_local_copy(known, ".bin"),
+            model_file=_local_copy(_fetched(model), ".onnx"),
+            known_hashes_file=_local_copy(_fetched(known), ".bin"),
             model_threads=1,  # one CPU per actor, as Ray reserved it
         )
 
@@ -211,10 +207,12 @@ class ChunkEmbedder:
     the model session the local decoders use, on `device`."""
 
     def __init__(self, options: DecodeOptions, model, device: str):
-        ray = _ray()
-        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         self.options = replace(
-            options, model_file=_local_copy(model, ".onnx"), model_runtime="onnx", model_threads=1, model_device=device
+            options,
+            model_file=_local_copy(_fetched(model), ".onnx"),
+            model_runtime="onnx",
+            model_threads=1,
+            model_device=device,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -277,6 +275,12 @@ def _check_reachable(address: str) -> None:
 
 def _file_bytes(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
+
+
+def _fetched(value):
+    """An actor's constructor argument: the object behind a Ray reference, or the value itself."""
+    ray = _ray()
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _local_copy(data: bytes | None, suffix: str) -> str | None:

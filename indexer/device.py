@@ -42,11 +42,15 @@ def missing_cuda_runtime(runtime: str) -> str | None:
     return None
 
 
+def check_device(requested: str) -> None:
+    if requested not in DEVICES:
+        raise LookalikeError(f"unknown device {requested!r}: use one of {', '.join(DEVICES)}")
+
+
 def choose_device(requested: str, gpus: int, missing: str | None) -> str:
     """ "cpu" or "cuda" for the `requested` device, given what the machine has; a clear error
     when cuda is asked for and cannot be had (auto quietly falls back to the CPU)."""
-    if requested not in DEVICES:
-        raise LookalikeError(f"unknown device {requested!r}: use one of {', '.join(DEVICES)}")
+    check_device(requested)
     if requested == "cpu":
         return "cpu"
     if requested == "cuda" and gpus < 1:
