@@ -31,3 +31,11 @@ class IndexBusy(LookalikeError):
 
 class BadQuery(LookalikeError):
     """A query that cannot be answered as asked (no examples, examples that cancel out...)."""
+
+
+class BadExamples(LookalikeError):
+    """Examples a head cannot take: a label its type forbids, a type that disagrees with the head's..."""
+
+
+class Conflict(LookalikeError):
+    """The request is valid but the state forbids it now (a training already running, a folder's image)."""

@@ -67,6 +67,11 @@ class TagIndex:
             }
         )
 
+    def with_head(self, head: str, postings: dict[str, tuple[np.ndarray, np.ndarray]]) -> TagIndex:
+        """A new TagIndex in which `head`'s postings (label -> sorted ids, scores) are these."""
+        kept = {key: value for key, value in self.postings.items() if key[0] != head}
+        return TagIndex(kept | {(head, label): value for label, value in postings.items()})
+
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = defaultdict(dict)
         for (head, label), (ids, _) in sorted(self.postings.items()):

@@ -215,6 +215,18 @@ class Library:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(str(time.time_ns()))
 
+    def head_retagged(self, head: str, postings: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """`head`'s tags were rewritten (in one transaction) by this process: serve them at once.
+
+        The postings being served are replaced by a copy with the head's new ones, without a
+        reload from the database; other processes reload theirs (the stamp)."""
+        with self._tags_lock:
+            if self._tags is not None:
+                self._tags = self._tags.with_head(head, postings)
+        stamp = self.index_dir / TAGS_STAMP
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(str(time.time_ns()))
+
     # -- live reload (servers) -----------------------------------------------------------------
 
     def refresh(self) -> list[str]:

@@ -5,7 +5,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -126,6 +139,50 @@ class HeadRow(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     report_dir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The head_versions row these weights are a copy of; NULL for heads saved before revision 0005.
+    version: Mapped[int | None] = mapped_column(Integer)
+
+
+class HeadVersionRow(Base):
+    """Every training of a head, kept so that an earlier one can be made current again."""
+
+    __tablename__ = "head_versions"
+    __table_args__ = (UniqueConstraint("head_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    head_id: Mapped[int] = mapped_column(ForeignKey("heads.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per head
+    kind: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[list] = mapped_column(JSON)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    thresholds: Mapped[list] = mapped_column(JSON)
+    min_confidence: Mapped[float] = mapped_column(Float)
+    score_floor: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExampleSetRow(Base):
+    """The examples a person labelled for a head (by name: they exist before its first training)."""
+
+    __tablename__ = "example_sets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    positive: Mapped[str | None] = mapped_column(String(200))  # binary: the positive label
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExampleRow(Base):
+    """One labelled image of an example set; multi-label examples may carry no label (a negative)."""
+
+    __tablename__ = "examples"
+
+    set_id: Mapped[int] = mapped_column(ForeignKey("example_sets.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    labels: Mapped[list] = mapped_column(JSON)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class TagRow(Base):

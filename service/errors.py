@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 
 from indexer.errors import (
     BackboneMismatch,
+    BadExamples,
     BadQuery,
+    Conflict,
     ImageRejected,
     IndexBusy,
     LookalikeError,
@@ -26,6 +28,8 @@ _STATUS = [
     (UnsupportedImage, 415),
     (ImageRejected, 422),
     (BadQuery, 422),
+    (BadExamples, 422),
+    (Conflict, 409),
     (NotIndexed, 404),
     (UnknownHead, 404),
     (IndexBusy, 409),

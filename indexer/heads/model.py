@@ -71,7 +71,10 @@ class Head:
 
     def predict_tags(self, x: np.ndarray) -> list[list[tuple[str, float]]]:
         """The (label, score) tags of each row, following the head's decision rule."""
-        probs = self.probabilities(x)
+        return self.decide(self.probabilities(x))
+
+    def decide(self, probs: np.ndarray) -> list[list[tuple[str, float]]]:
+        """The (label, score) tags of each row of probabilities, following the head's decision rule."""
         if self.kind == BINARY:
             negative, positive = self.labels
             threshold = self.thresholds[0] if self.thresholds else 0.5

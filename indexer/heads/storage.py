@@ -13,11 +13,15 @@ from sqlalchemy.orm import Session
 from indexer import store
 from indexer.errors import BackboneMismatch, LookalikeError
 from indexer.heads.model import Head
-from indexer.models import BackboneRow, HeadRow, TagRow
+from indexer.models import BackboneRow, ExampleRow, ExampleSetRow, HeadRow, HeadVersionRow, TagRow, utcnow
 
 
 class UnknownHead(LookalikeError):
     """No head with that name."""
+
+
+class UnknownVersion(UnknownHead):
+    """The head exists, the version does not."""
 
 
 @dataclass
@@ -38,26 +42,81 @@ def save_head(
     builtin: bool = False,
     scale_by_norm: bool = False,
 ) -> int:
-    """Insert or replace the head called `head.name`; its old tags go with it."""
-    old = session.scalar(select(HeadRow).where(HeadRow.name == head.name))
-    if old is not None:
-        session.delete(old)
+    """Insert the head called `head.name`, or make these weights its new current version.
+
+    The tags of its previous weights are deleted: the caller writes the new ones in the same
+    transaction, so a reader sees the old tags or the new ones. A trained head keeps every
+    version (head_versions); one trained on another backbone starts afresh, since its versions
+    could not tag this index."""
+    row = session.scalar(select(HeadRow).where(HeadRow.name == head.name))
+    if row is not None and (row.backbone_id != backbone_id or row.builtin != builtin):
+        session.delete(row)
         session.flush()
-    row = HeadRow(
-        name=head.name,
-        kind=head.kind,
-        backbone_id=backbone_id,
-        labels=list(head.labels),
-        weights=head.weights_blob(),
-        thresholds=[float(t) for t in head.thresholds],
-        min_confidence=float(head.min_confidence),
-        score_floor=float(head.score_floor),
-        scale_by_norm=scale_by_norm,
-        builtin=builtin,
-        metrics=metrics,
-        report_dir=report_dir,
+        row = None
+    if row is None:
+        row = HeadRow(name=head.name)
+        session.add(row)
+    else:
+        session.execute(delete(TagRow).where(TagRow.head_id == row.id))
+    row.kind = head.kind
+    row.backbone_id = backbone_id
+    row.labels = list(head.labels)
+    row.weights = head.weights_blob()
+    row.thresholds = [float(t) for t in head.thresholds]
+    row.min_confidence = float(head.min_confidence)
+    row.score_floor = float(head.score_floor)
+    row.scale_by_norm = scale_by_norm
+    row.builtin = builtin
+    row.metrics = metrics
+    row.report_dir = report_dir
+    row.created_at = utcnow()
+    session.flush()
+    if not builtin:
+        number = (
+            session.scalar(select(func.max(HeadVersionRow.number)).where(HeadVersionRow.head_id == row.id)) or 0
+        ) + 1
+        session.add(
+            HeadVersionRow(
+                head_id=row.id,
+                number=number,
+                kind=row.kind,
+                labels=row.labels,
+                weights=row.weights,
+                thresholds=row.thresholds,
+                min_confidence=row.min_confidence,
+                score_floor=row.score_floor,
+                metrics=metrics,
+            )
+        )
+        row.version = number
+        session.flush()
+    return row.id
+
+
+def versions_of(session: Session, name: str) -> list[HeadVersionRow]:
+    row = head_row(session, name)
+    return list(
+        session.scalars(select(HeadVersionRow).where(HeadVersionRow.head_id == row.id).order_by(HeadVersionRow.number))
     )
-    session.add(row)
+
+
+def make_version_current(session: Session, name: str, number: int) -> int:
+    """Copy version `number`'s weights into the head; its tags are deleted for the caller to rewrite."""
+    row = head_row(session, name)
+    version = session.scalar(
+        select(HeadVersionRow).where(HeadVersionRow.head_id == row.id, HeadVersionRow.number == number)
+    )
+    if version is None:
+        raise UnknownVersion(f"head {name!r} has no version {number}")
+    session.execute(delete(TagRow).where(TagRow.head_id == row.id))
+    row.kind = version.kind
+    row.labels = list(version.labels)
+    row.weights = version.weights
+    row.thresholds = list(version.thresholds)
+    row.min_confidence = version.min_confidence
+    row.score_floor = version.score_floor
+    row.metrics = version.metrics
+    row.version = version.number
     session.flush()
     return row.id
 
@@ -114,9 +173,18 @@ def list_heads(session: Session) -> list[HeadRow]:
 
 
 def delete_head(session: Session, name: str) -> None:
-    row = head_row(session, name)
-    session.execute(delete(TagRow).where(TagRow.head_id == row.id))
-    session.delete(row)
+    """The head, its versions, its tags and the examples labelled for it."""
+    row = session.scalar(select(HeadRow).where(HeadRow.name == name))
+    examples = session.scalar(select(ExampleSetRow).where(ExampleSetRow.name == name))
+    if row is None and examples is None:
+        raise UnknownHead(f"no head named {name!r}")
+    if row is not None:
+        session.execute(delete(TagRow).where(TagRow.head_id == row.id))
+        session.execute(delete(HeadVersionRow).where(HeadVersionRow.head_id == row.id))
+        session.delete(row)
+    if examples is not None:
+        session.execute(delete(ExampleRow).where(ExampleRow.set_id == examples.id))
+        session.delete(examples)
 
 
 def tag_counts(session: Session, head_id: int) -> dict[str, int]:

@@ -63,6 +63,10 @@ class TrainResult:
     expected_initial_loss: float
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # The rows the metrics were measured on (all of them when cross-validated) and their
+    # held-out probabilities: which examples the head gets wrong.
+    held_out_rows: np.ndarray | None = None
+    held_out_probabilities: np.ndarray | None = None
 
 
 def expected_initial_loss(kind: str, n_outputs: int) -> float:
@@ -87,6 +91,7 @@ def train_head(
     n_out = 1 if kind == BINARY else len(labels)
     folds = resolve_folds(kind, y, options)
     small_binary = kind == BINARY and folds > 1 and len(y) < SMALL_SET
+    val_idx = np.arange(len(y))
     if small_binary:
         weight, bias, probs_val, history, initial = _binary_cross_validated(x, y, options, folds)
         y_val = y
@@ -125,7 +130,9 @@ def train_head(
     metrics["evaluated_on"] = (
         f"out-of-fold predictions on all {len(y)} examples" if folds > 1 else f"{len(y_val)} held-out validation images"
     )
-    return TrainResult(head, metrics, history, initial, expected, time.perf_counter() - started, notes)
+    return TrainResult(
+        head, metrics, history, initial, expected, time.perf_counter() - started, notes, val_idx, probs_val
+    )
 
 
 def resolve_folds(kind: str, y: np.ndarray, options: TrainOptions) -> int:

@@ -17,7 +17,8 @@ from indexer.faults import checkpoint
 from indexer.heads.labels import LabelError, LabelSet
 from indexer.heads.metrics import evaluate
 from indexer.heads.plots import save_plots
-from indexer.heads.storage import head_row, load_heads, save_head, write_tags
+from indexer.heads.storage import head_row, load_heads, write_tags
+from indexer.heads.tagging import save_and_tag
 from indexer.heads.training import TrainOptions, TrainResult, train_head
 from indexer.library import Library
 
@@ -100,13 +101,25 @@ def train(
     for warning in result.warnings:
         log(f"warning: {warning}")
     report_dir = library.home / "heads" / name
+    report = training_report(name, labels.kind, labels.names, labels.dropped, len(labels.paths), result)
+    report["plots"] = [p.name for p in save_plots(report_dir, name, result.history, result.metrics, labels.names)]
+    _write_json(report_dir / "report.json", report)
+    tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir))
+    log(f"tagged {tagged} images with head {name!r}")
+    return result, report_dir
+
+
+def training_report(
+    name: str, kind: str, names: list[str], dropped: list[str], examples: int, result: TrainResult
+) -> dict:
+    """What a training stores with the head (and writes to report.json): metrics, thresholds, warnings."""
     report = {
         "head": name,
-        "type": labels.kind,
-        "labels": labels.names,
-        "dropped_labels": labels.dropped,
+        "type": kind,
+        "labels": names,
+        "dropped_labels": dropped,
         "thresholds": result.head.thresholds,
-        "examples": len(labels.paths),
+        "examples": examples,
         "initial_loss": result.initial_loss,
         "expected_initial_loss": result.expected_initial_loss,
         "train_seconds": round(result.seconds, 3),
@@ -122,16 +135,7 @@ def train(
     else:
         report["best_epoch"] = result.history.get("best_epoch")
         report["epochs_run"] = len(result.history["train_loss"])
-    plots = save_plots(report_dir, name, result.history, result.metrics, labels.names)
-    report["plots"] = [p.name for p in plots]
-    _write_json(report_dir / "report.json", report)
-    backbone_id = _backbone_id(library)
-    with library.sessions.begin() as session:
-        checkpoint("head-save")
-        save_head(session, result.head, backbone_id, metrics=report, report_dir=str(report_dir))
-    tagged = tag_all(library, [name])
-    log(f"tagged {tagged} images with head {name!r}")
-    return result, report_dir
+    return report
 
 
 def evaluate_head(library: Library, name: str, labels: LabelSet) -> dict:

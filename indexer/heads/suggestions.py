@@ -1,0 +1,407 @@
+"""Active learning: which unlabelled images are most worth labelling next for a head.
+
+With a head, three kinds of pick, each saying why:
+- `likely wrong`: the head's decision disagrees with every one of the image's nearest labelled
+  examples (a second, nearest-neighbour opinion: where two models disagree, one of them is wrong,
+  and a label settles it);
+- `uncertain`: the smallest margin (binary and multi-label: the distance of the score from its
+  threshold; multi-class: top probability minus the second), spread out by a farthest-first pass
+  weighted by uncertainty, so one batch does not spend its labels on one corner of the space;
+- `diverse`: far from everything labelled, a few per batch, so that regions the head has never
+  seen get a label too (uncertainty alone keeps refining the boundary it already drew).
+Before a head exists: the unlabelled neighbours of the examples, the labels with fewest examples
+first (`near examples`). Near-copies of a labelled image or of another pick are left out (the
+embedding's cosine, and the pixel signature when the caller gives signatures).
+
+`suggest` works on arrays (the benchmark drives it with a simulated labeller);
+`suggestions_for` gathers them for a head of a home.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+
+from indexer import store
+from indexer.errors import BadQuery
+from indexer.filters import TagFilter
+from indexer.heads.examples import get_examples
+from indexer.heads.model import BINARY, MULTICLASS, Head
+from indexer.heads.storage import load_heads
+from indexer.heads.tagging import backbone_id_of
+from indexer.library import Library
+from indexer.models import HeadRow, ImageRow
+from indexer.near_duplicates import MATCH, similarity
+
+NEAR_COPY = 0.97  # cosine from which two images count as the same picture for labelling
+UNCERTAIN_POOL = 20  # times n: the least certain candidates the uncertain picks are spread over
+WRONG_FRACTION = 0.25  # of a batch, at most: likely wrong
+DIVERSE_FRACTION = 1 / 6  # of a batch: exploration far from the labelled images
+VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
+WRONG_SAMPLE = 8192  # candidates checked against the labelled examples, at most
+MAX_SUGGESTIONS = 100
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    image_id: int
+    reason: str  # uncertain | likely wrong | diverse | near examples
+    detail: str
+
+    def to_json(self) -> dict:
+        return {"image_id": self.image_id, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Labelled:
+    ids: np.ndarray
+    vectors: np.ndarray  # unit length, as stored
+    labels: list[list[str]]
+
+
+def suggest(
+    head: Head | None,
+    labelled: Labelled,
+    candidate_ids: np.ndarray,
+    candidate_vectors: np.ndarray,
+    n: int,
+    *,
+    seed: int = 0,
+    same_picture: Callable[[int, int], bool] | None = None,
+) -> list[Suggestion]:
+    """Up to n of the candidates (unlabelled images), best first. Deterministic for one `seed`."""
+    n = min(n, len(candidate_ids))
+    if n <= 0:
+        return []
+    picker = _Picker(labelled, candidate_ids, candidate_vectors, same_picture)
+    if head is None:
+        _near_examples(picker, n)
+    else:
+        _with_head(picker, head, n, np.random.default_rng(seed))
+    if len(picker.chosen) < n:  # everything left is a near-copy of something labelled: fill up anyway
+        _diverse(picker, n - len(picker.chosen), np.random.default_rng(seed), allow_copies=True)
+    return picker.chosen[:n]
+
+
+class _Picker:
+    """The picks so far, and the rule that keeps near-copies out of them."""
+
+    def __init__(self, labelled: Labelled, ids, vectors, same_picture):
+        self.labelled = labelled
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.same_picture = same_picture
+        self.chosen: list[Suggestion] = []
+        self.rows: list[int] = []
+
+    def taken(self, row: int) -> bool:
+        return row in self.rows
+
+    def is_copy(self, row: int) -> bool:
+        vector = self.vectors[row]
+        others = [self.vectors[self.rows]] if self.rows else []
+        if len(self.labelled.ids):
+            others.append(self.labelled.vectors)
+        if others and float(np.max(np.concatenate(others) @ vector)) >= NEAR_COPY:
+            return True
+        if self.same_picture is not None:
+            image_id = int(self.ids[row])
+            known = [int(self.ids[r]) for r in self.rows] + [int(i) for i in self.labelled.ids]
+            return any(self.same_picture(image_id, other) for other in known)
+        return False
+
+    def take(self, row: int, reason: str, detail: str, *, allow_copies: bool = False) -> bool:
+        if self.taken(row) or (not allow_copies and self.is_copy(row)):
+            return False
+        self.rows.append(row)
+        self.chosen.append(Suggestion(int(self.ids[row]), reason, detail))
+        return True
+
+
+def margins(head: Head, probabilities: np.ndarray) -> np.ndarray:
+    """How far each decision is from flipping: small = uncertain."""
+    if head.kind == MULTICLASS:
+        if probabilities.shape[1] < 2:
+            return np.ones(len(probabilities), dtype=np.float32)
+        top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    thresholds = np.asarray(head.thresholds or [0.5] * probabilities.shape[1], dtype=np.float32)
+    return np.abs(probabilities - thresholds).min(axis=1)
+
+
+def fast_probabilities(head: Head, vectors: np.ndarray) -> np.ndarray:
+    """float32 probabilities in one product: ranking candidates needs no bit-exact scores."""
+    logits = vectors @ head.weight.T + head.bias
+    if head.kind == MULTICLASS:
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _with_head(picker: _Picker, head: Head, n: int, rng) -> None:
+    probs = fast_probabilities(head, picker.vectors)
+    margin = margins(head, probs)
+    decisions = head.decide(probs) if len(probs) <= WRONG_SAMPLE else None
+    n_wrong = int(n * WRONG_FRACTION) if len(picker.labelled.ids) >= VOTERS else 0
+    n_diverse = max(1, round(n * DIVERSE_FRACTION)) if n >= 4 else 0
+    if n_wrong:
+        _likely_wrong(picker, head, probs, decisions, n_wrong, rng)
+    _uncertain(picker, head, margin, n - n_diverse - len(picker.chosen))
+    _diverse(picker, n - len(picker.chosen), rng)
+
+
+def _likely_wrong(picker: _Picker, head: Head, probs, decisions, limit: int, rng) -> None:
+    labelled = picker.labelled
+    rows = np.arange(len(picker.ids))
+    if len(rows) > WRONG_SAMPLE:
+        rows = np.sort(rng.choice(rows, WRONG_SAMPLE, replace=False))
+    sims = picker.vectors[rows] @ labelled.vectors.T
+    nearest = np.argsort(-sims, axis=1)[:, :VOTERS]
+    found = []
+    for at, row in enumerate(rows):
+        tags = decisions[row] if decisions is not None else head.decide(probs[row : row + 1])[0]
+        predicted = sorted(label for label, _ in tags)
+        voters = [sorted(_known(head, labelled.labels[j])) for j in nearest[at]]
+        if all(v != predicted for v in voters) and all(v == voters[0] for v in voters):
+            found.append((float(sims[at, nearest[at, 0]]), row, predicted, voters[0], nearest[at, 0]))
+    found.sort(key=lambda item: -item[0])  # the closest disagreements first
+    taken = 0
+    for closeness, row, predicted, voted, example in found:
+        if taken >= limit:
+            break
+        detail = (
+            f"tagged {_names(predicted)}, but its {VOTERS} nearest examples are labelled {_names(voted)} "
+            f"(closest: image {int(labelled.ids[example])}, similarity {closeness:.2f})"
+        )
+        taken += picker.take(int(row), "likely wrong", detail)
+
+
+def _known(head: Head, labels: list[str]) -> list[str]:
+    return [label for label in labels if label in head.labels]
+
+
+def _names(labels: list[str]) -> str:
+    return ", ".join(repr(label) for label in labels) if labels else "nothing"
+
+
+def _uncertain(picker: _Picker, head: Head, margin: np.ndarray, count: int) -> None:
+    """The least certain candidates, spread out: farthest-first among them, weighted by uncertainty."""
+    if count <= 0:
+        return
+    pool = np.argsort(margin, kind="stable")[: max(UNCERTAIN_POOL * count, 200)]
+    pool = np.array([row for row in pool if not picker.taken(int(row))], dtype=np.int64)
+    if not len(pool):
+        return
+    weight = 1.0 - np.arange(len(pool)) / len(pool)  # by rank: the least certain first
+    known = [picker.labelled.vectors] if len(picker.labelled.ids) else []
+    if picker.rows:
+        known.append(picker.vectors[picker.rows])
+    vectors = picker.vectors[pool]
+    distance = (
+        1.0 - np.max(vectors @ np.concatenate(known).T, axis=1) if known else np.ones(len(pool), dtype=np.float32)
+    )
+    taken = 0
+    for _ in range(len(pool)):
+        if taken >= count:
+            break
+        at = int(np.argmax(weight * np.maximum(distance, 0.0)))
+        if weight[at] < 0:
+            break
+        row = int(pool[at])
+        detail = _uncertainty_detail(head, margin[row])
+        if picker.take(row, "uncertain", detail):
+            taken += 1
+            distance = np.minimum(distance, 1.0 - vectors @ vectors[at])
+        weight[at] = -1.0
+
+
+def _uncertainty_detail(head: Head, margin: float) -> str:
+    if head.kind == MULTICLASS:
+        return f"its two likeliest labels are {margin:.2f} apart"
+    if head.kind == BINARY:
+        return f"its score is {margin:.2f} from the threshold"
+    return f"a label's score is {margin:.2f} from its threshold"
+
+
+def _diverse(picker: _Picker, count: int, rng, *, allow_copies: bool = False) -> None:
+    """Farthest-first from everything labelled or picked, over a sample of the candidates."""
+    if count <= 0:
+        return
+    rows = np.arange(len(picker.ids))
+    if len(rows) > WRONG_SAMPLE:
+        rows = np.sort(rng.choice(rows, WRONG_SAMPLE, replace=False))
+    rows = np.array([r for r in rows if not picker.taken(int(r))], dtype=np.int64)
+    if not len(rows):
+        return
+    vectors = picker.vectors[rows]
+    known = [picker.labelled.vectors] if len(picker.labelled.ids) else []
+    if picker.rows:
+        known.append(picker.vectors[picker.rows])
+    if known:
+        distance = 1.0 - np.max(vectors @ np.concatenate(known).T, axis=1)
+    else:  # nothing labelled yet: start from the image most typical of the collection
+        distance = vectors @ vectors.mean(axis=0)
+    taken = 0
+    for _ in range(len(rows)):
+        if taken >= count:
+            break
+        at = int(np.argmax(distance))
+        if distance[at] == -np.inf:
+            break
+        detail = f"unlike anything labelled (similarity {1.0 - float(distance[at]):.2f} to the closest)"
+        if picker.take(int(rows[at]), "diverse", detail, allow_copies=allow_copies):
+            taken += 1
+            distance = np.minimum(distance, 1.0 - vectors @ vectors[at])
+        distance[at] = -np.inf
+
+
+def _near_examples(picker: _Picker, n: int) -> None:
+    """No head yet: the closest unlabelled images of each example, rarest labels first, in turns."""
+    labelled = picker.labelled
+    if not len(labelled.ids):
+        return
+    counts: dict[str, int] = {}
+    for labels in labelled.labels:
+        for label in labels or [""]:
+            counts[label] = counts.get(label, 0) + 1
+    order = sorted(range(len(labelled.ids)), key=lambda j: min(counts[x] for x in labelled.labels[j] or [""]))
+    sims = labelled.vectors[order] @ picker.vectors.T  # (examples, candidates)
+    ranked = np.argsort(-sims, axis=1)[:, : max(4 * n, 20)]
+    for depth in range(ranked.shape[1]):
+        for turn, j in enumerate(order):
+            if len(picker.chosen) >= n:
+                return
+            row = int(ranked[turn, depth])
+            example = int(labelled.ids[j])
+            labels = _names(labelled.labels[j])
+            detail = f"close to example {example} ({labels}), similarity {float(sims[turn, row]):.2f}"
+            picker.take(row, "near examples", detail)
+
+
+# -- gathering the arrays for a head of a home ----------------------------------------------------
+
+
+def suggestions_for(
+    library: Library, name: str, n: int, tag_filter: TagFilter | None = None, *, seed: int = 0
+) -> list[Suggestion]:
+    """`suggest` for head `name`: its examples, its current weights (if trained), the unlabelled images.
+
+    A collection of any size is reduced first, in one pass over the index's vectors: the least
+    certain candidates and a uniform sample (for `likely wrong` and `diverse`) are kept, in memory
+    bounded by the sample size, not by the collection."""
+    if not 1 <= n <= MAX_SUGGESTIONS:
+        raise BadQuery(f"n must be 1 to {MAX_SUGGESTIONS}")
+    backbone_id = backbone_id_of(library)
+    with library.sessions() as session:
+        found = get_examples(session, name)
+        head = None
+        if session.scalar(select(HeadRow.id).where(HeadRow.name == name)) is not None:
+            (stored,) = load_heads(session, backbone_id, [name])
+            if stored.scale_by_norm:
+                raise BadQuery(f"{name!r} is a built-in head; suggestions are for heads taught by examples")
+            head = stored.head
+    ids = np.fromiter(found.examples, dtype=np.int64, count=len(found.examples))
+    labelled = Labelled(ids, _stored_vectors(library, backbone_id, ids), list(found.examples.values()))
+    index = library.index()
+    allowed = None
+    if tag_filter is not None and not tag_filter.is_empty():
+        allowed = library.tag_index().allowed(tag_filter, index.ids)
+    if head is None:
+        candidate_ids, candidate_vectors = _near_candidates(index, labelled, n, allowed)
+    else:
+        candidate_ids, candidate_vectors = _reduced_candidates(index, head, labelled, n, allowed, seed)
+    signatures = _signatures(library, np.concatenate([candidate_ids, labelled.ids]))
+
+    def same_picture(a: int, b: int) -> bool:
+        first, second = signatures.get(a), signatures.get(b)
+        return first is not None and second is not None and similarity(first, [second])[0] >= MATCH
+
+    return suggest(head, labelled, candidate_ids, candidate_vectors, n, seed=seed, same_picture=same_picture)
+
+
+def _stored_vectors(library: Library, backbone_id: int, ids: np.ndarray) -> np.ndarray:
+    rows: dict[int, np.ndarray] = {}
+    with library.sessions() as session:
+        for chunk_ids, chunk in store.iter_vectors(session, backbone_id, ids=ids.tolist()):
+            rows.update(zip(chunk_ids.tolist(), chunk))
+    dim = library.backbone().dim
+    return np.stack([rows[int(i)] for i in ids]) if len(ids) else np.zeros((0, dim), dtype=np.float32)
+
+
+def _unlabelled(ids: np.ndarray, labelled: Labelled, allowed: np.ndarray | None) -> np.ndarray:
+    keep = ~np.isin(ids, labelled.ids)
+    if allowed is not None:
+        keep &= np.isin(ids, allowed)
+    return keep
+
+
+def _reduced_candidates(index, head: Head, labelled: Labelled, n: int, allowed, seed: int):
+    pool = max(UNCERTAIN_POOL * n, 200)
+    rng = np.random.default_rng(seed)
+    kept_ids, kept_vectors, kept_margins = [], [], []
+    for chunk_ids, chunk in index.iter_sorted():
+        keep = _unlabelled(chunk_ids, labelled, allowed)
+        chunk_ids, chunk = chunk_ids[keep], chunk[keep]
+        if not len(chunk_ids):
+            continue
+        margin = margins(head, fast_probabilities(head, chunk))
+        # The chunk's least certain rows, and a uniform sample: a key per row, the smallest kept.
+        uncertain = np.argsort(margin, kind="stable")[:pool]
+        sample = np.argsort(rng.random(len(chunk_ids)))[:WRONG_SAMPLE]
+        rows = np.union1d(uncertain, sample)
+        kept_ids.append(chunk_ids[rows])
+        kept_vectors.append(chunk[rows])
+        kept_margins.append(margin[rows])
+        if sum(len(i) for i in kept_ids) > 4 * (pool + WRONG_SAMPLE):
+            kept_ids, kept_vectors, kept_margins = _trim(kept_ids, kept_vectors, kept_margins, pool, rng)
+    if not kept_ids:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, index.dim), dtype=np.float32)
+    kept_ids, kept_vectors, _ = _trim(kept_ids, kept_vectors, kept_margins, pool, rng)
+    return kept_ids[0], kept_vectors[0]
+
+
+def _trim(ids, vectors, margin_parts, pool: int, rng):
+    """Merge the chunks kept so far: the `pool` least certain overall, and a sample of the rest."""
+    ids, vectors, margin = np.concatenate(ids), np.concatenate(vectors), np.concatenate(margin_parts)
+    uncertain = np.argsort(margin, kind="stable")[:pool]
+    sample = rng.choice(len(ids), min(WRONG_SAMPLE, len(ids)), replace=False)
+    rows = np.union1d(uncertain, sample)
+    return [ids[rows]], [vectors[rows]], [margin[rows]]
+
+
+def _near_candidates(index, labelled: Labelled, n: int, allowed):
+    """The nearest unlabelled images of each example, by the index (exact, whatever the size)."""
+    if not len(labelled.ids):  # nothing labelled yet: a sample of the collection, to pick diverse ones
+        all_ids = index.ids()
+        keep = _unlabelled(all_ids, labelled, allowed)
+        chosen = np.sort(np.random.default_rng(0).permutation(all_ids[keep])[:WRONG_SAMPLE])
+        return chosen, _index_vectors(index, chosen)
+    want = max(4 * n, 20) + len(labelled.ids)
+    found: set[int] = set()
+    if allowed is None:
+        for hits in index.search(labelled.vectors, want, exact=True):
+            found.update(hit.id for hit in hits)
+    else:
+        for vector in labelled.vectors:
+            hits, _ = index.search_filtered(vector, want, allowed)
+            found.update(hit.id for hit in hits)
+    chosen = np.array(sorted(found - set(labelled.ids.tolist())), dtype=np.int64)
+    return chosen, _index_vectors(index, chosen)
+
+
+def _index_vectors(index, ids: np.ndarray) -> np.ndarray:
+    vectors = [index.reconstruct(int(i)) for i in ids]
+    return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, index.dim), dtype=np.float32)
+
+
+def _signatures(library: Library, ids: np.ndarray) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    with library.sessions() as session:
+        for chunk in store.chunks([int(i) for i in ids]):
+            rows = session.execute(select(ImageRow.id, ImageRow.signature).where(ImageRow.id.in_(chunk)))
+            out.update((int(i), sig) for i, sig in rows if sig is not None)
+    return out
