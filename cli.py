@@ -511,7 +511,9 @@ def tag(
 @heads_app.command("train")
 def heads_train(
     name: Annotated[str, typer.Argument(help="Name of the head (also its tag prefix)")],
-    kind: Annotated[str, typer.Option("--type", help="binary, multiclass or multilabel")],
+    kind: Annotated[
+        str | None, typer.Option("--type", help="binary, multiclass or multilabel (with --labels or --from-folders)")
+    ] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV with header path,labels")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Base for relative paths in --labels")] = None,
     from_folders: Annotated[Path | None, typer.Option("--from-folders", help="Sub-folder name = class")] = None,
@@ -529,16 +531,22 @@ def heads_train(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     home: HomeOption = None,
 ) -> None:
-    """Train a linear head on the stored embeddings and tag every indexed image with it."""
+    """Train a linear head on the stored embeddings and tag every indexed image with it.
+
+    Without --labels or --from-folders, it trains on the head's stored examples (`heads examples`)."""
     from indexer.heads import labels as label_io
     from indexer.heads.model import HEAD_TYPES
     from indexer.heads.training import TrainOptions
     from indexer.heads.workflow import train
 
+    if labels is None and from_folders is None:
+        options = TrainOptions(val_fraction=val_fraction, folds=folds, seed=seed, min_precision=min_precision)
+        _train_on_examples(name, options, as_json, home)
+        return
     if kind not in HEAD_TYPES:
         _fail(f"--type must be one of {', '.join(HEAD_TYPES)}, not {kind!r}")
-    if (labels is None) == (from_folders is None):
-        _fail("give exactly one of --labels FILE.csv or --from-folders DIR")
+    if labels is not None and from_folders is not None:
+        _fail("give one of --labels FILE.csv or --from-folders DIR, not both")
     warn = lambda m: err.print(f"[yellow]warning:[/] {m}")  # noqa: E731
     try:
         if labels is not None:
@@ -570,6 +578,196 @@ def heads_train(
     else:
         _print_metrics(report["metrics"])
     err.print(f"report and plots in {report_dir}")
+
+
+def _train_on_examples(name: str, options, as_json: bool, home: Path | None) -> None:
+    from indexer.heads.teach import train_from_examples
+
+    settings = _settings(home)
+    try:
+        library = _open(settings)
+        with Progress(transient=True, console=err) as bar:
+            task = bar.add_task("tagging", total=None)
+            report = train_from_examples(
+                library, name, options, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    except LookalikeError as exc:
+        _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+    for warning in report["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+    if as_json:
+        out.print(json.dumps(report, indent=2), markup=False)
+    else:
+        _print_metrics(report["metrics"])
+    seconds = report["seconds"]
+    err.print(
+        f"trained on {report['examples']} examples in {seconds['train']:.2f} s; tagged {report['tagged']} images "
+        f"in {seconds['tag']:.2f} s; {len(report['mistakes'])} examples disagree with the head out of fold"
+    )
+
+
+def _image_ids(library, items: list[str]) -> list[int]:
+    """Ids for image ids or paths of indexed images, in order."""
+    from indexer import store
+
+    ids = []
+    with library.sessions() as session:
+        for item in items:
+            if Path(item).exists():
+                found = store.image_id_for_path(session, str(Path(item).resolve()))
+                if found is None:
+                    _fail(f"{item} is not indexed")
+                ids.append(found)
+            elif item.lstrip("-").isdigit():
+                ids.append(int(item))
+            else:
+                _fail(f"{item} is neither an indexed image nor an image id")
+    return ids
+
+
+@heads_app.command("examples")
+def heads_examples(
+    name: Annotated[str, typer.Argument(help="The head")],
+    action: Annotated[str, typer.Argument(help="add, remove or list")],
+    images: Annotated[
+        list[str] | None, typer.Argument(metavar="[IMAGE_OR_ID]...", help="Indexed images (paths or ids)")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="add: the images' label (repeat for multi-label)")
+    ] = None,
+    labels_file: Annotated[
+        Path | None, typer.Option("--labels", help="add: a label file (path,labels) of indexed images")
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--type", help="add: binary, multiclass or multilabel")] = None,
+    positive: Annotated[str | None, typer.Option("--positive", help="add: a binary head's positive label")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="list: print JSON")] = False,
+    home: HomeOption = None,
+) -> None:
+    """The examples a head is taught from: add (or relabel), remove, list."""
+    from indexer.heads.examples import get_examples, put_examples, remove_example
+    from indexer.heads.tagging import backbone_id_of
+
+    if action not in ("add", "remove", "list"):
+        _fail(f"the action is add, remove or list, not {action!r}")
+    settings = _settings(home)
+    try:
+        library = _open(settings)
+        if action == "list":
+            with library.sessions() as session:
+                found = get_examples(session, name)
+            if as_json:
+                out.print(json.dumps(found.to_json(), indent=2), markup=False)
+                return
+            counts = ", ".join(f"{label} {count}" for label, count in found.counts().items()) or "no examples"
+            err.print(f"{name}: {found.kind}, {counts}")
+            for image_id, labels in found.examples.items():
+                out.print(f"{image_id:>8}  {'|'.join(labels)}", markup=False)
+            return
+        if action == "remove":
+            ids = _image_ids(library, images or [])
+            with library.sessions.begin() as session:
+                for image_id in ids:
+                    remove_example(session, name, image_id)
+            err.print(f"removed {len(ids)} examples from {name!r}")
+            return
+        rows = _example_rows(library, images or [], label or [], labels_file, kind)
+        with library.sessions.begin() as session:
+            known = None
+            try:
+                known = get_examples(session, name).kind
+            except LookalikeError:
+                pass
+            if kind is None and known is None:
+                _fail("a new head needs --type binary, multiclass or multilabel")
+            found = None
+            backbone_id = backbone_id_of(library)
+            for start in range(0, len(rows), 1000):
+                found = put_examples(
+                    session, name, kind or known, rows[start : start + 1000], positive=positive, backbone_id=backbone_id
+                )
+        counts = ", ".join(f"{lbl} {n}" for lbl, n in (found.counts() if found else {}).items())
+        err.print(f"{name}: {len(rows)} examples set; now {counts}")
+    except LookalikeError as exc:
+        _fail(str(exc))
+    except _storage_errors() as exc:
+        _fail_storage(exc, settings)
+
+
+def _example_rows(library, images: list[str], labels: list[str], labels_file: Path | None, kind: str | None):
+    from indexer.heads import labels as label_io
+
+    if labels_file is not None:
+        if images or labels:
+            _fail("give --labels FILE, or images with --label, not both")
+        found = label_io.read_csv(labels_file, kind or "multilabel")
+        return list(zip(_image_ids(library, found.paths), found.labels))
+    if not images:
+        _fail("add: give images (paths or ids) with --label, or --labels FILE")
+    if not labels and kind != "multilabel":
+        _fail("add: give the images' --label")
+    return [(image_id, list(labels)) for image_id in _image_ids(library, images)]
+
+
+@heads_app.command("suggest")
+def heads_suggest(
+    name: Annotated[str, typer.Argument(help="The head")],
+    n: Annotated[int, typer.Option("-n", min=1, max=100, help="How many")] = 12,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    home: HomeOption = None,
+) -> None:
+    """The unlabelled images most worth labelling next for a head, each with its reason."""
+    from indexer import store
+    from indexer.heads.suggestions import suggestions_for
+
+    try:
+        library = _open(_settings(home))
+        found = suggestions_for(library, name, n)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print(json.dumps({"suggestions": [s.to_json() for s in found]}, indent=2), markup=False)
+        return
+    with library.sessions() as session:
+        rows = store.images_by_ids(session, [s.image_id for s in found])
+    for item in found:
+        row = rows.get(item.image_id)
+        out.print(f"{item.image_id:>8}  {item.reason:<13}  {row.path if row else '?'}  ({item.detail})", markup=False)
+
+
+@heads_app.command("versions")
+def heads_versions(name: str, home: HomeOption = None) -> None:
+    """Every training of a head; the current one is marked."""
+    from indexer.heads.storage import head_row, versions_of
+
+    try:
+        library = _open(_settings(home))
+        with library.sessions() as session:
+            current = head_row(session, name).version
+            for version in versions_of(session, name):
+                mark = "*" if version.number == current else " "
+                shown = version.metrics.get("metrics", {})
+                figures = ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, float))
+                examples = version.metrics.get("examples")
+                out.print(
+                    f"{mark} {version.number:>3}  {version.created_at:%Y-%m-%d %H:%M}  {examples} examples  {figures}",
+                    markup=False,
+                )
+    except LookalikeError as exc:
+        _fail(str(exc))
+
+
+@heads_app.command("activate")
+def heads_activate(name: str, number: int, home: HomeOption = None) -> None:
+    """Make version NUMBER of a head current again and re-tag the collection with it."""
+    from indexer.heads.tagging import make_current
+
+    try:
+        tagged = make_current(_open(_settings(home)), name, number)
+    except LookalikeError as exc:
+        _fail(str(exc))
+    err.print(f"head {name!r} is at version {number}; tagged {tagged} images")
 
 
 def _print_metrics(metrics: dict) -> None:

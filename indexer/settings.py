@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="Seconds between a server's checks for a newer index or tags; 0 = never"
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
+    train_inline_max: int = Field(
+        default=200_000,
+        ge=0,
+        description="POST /heads/{name}/train answers when done up to this many images; above, it re-tags"
+        " in the background and answers 202 at once",
+    )
     # Comma-separated in the environment; never shown in a repr (keys are secrets).
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, repr=False, description="Keys for every route but /health and the web page"

@@ -13,12 +13,13 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from indexer import __version__
+from indexer.heads.teach import Trainings
 from indexer.library import Library
 from indexer.settings import Settings, get_settings
 from service.auth import install_auth
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import heads, images, search, system, web
+from service.routes import heads, images, search, system, teaching, web
 
 log = logging.getLogger("lookalike")
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
         preload = threading.Thread(target=_load_tags, args=(library,), name="load-tags", daemon=True)
         preload.start()
         app.state.library = library
+        app.state.trainings = Trainings(library, settings.train_inline_max)
         watcher = asyncio.create_task(_watch_for_changes(library, settings.reload_interval))
         try:
             yield
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
     app.include_router(search.router)
     app.include_router(images.router)
     app.include_router(heads.router)
+    app.include_router(teaching.router)
     app.include_router(system.router)
     app.include_router(web.router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -40,6 +41,62 @@ class HeadSummary(BaseModel):
     type: str
     labels: list[str]
     builtin: bool
+    trained: bool = Field(True, description="False for a head that has examples but was never trained")
+    version: int | None = Field(None, description="The current version's number (trained heads)")
+    examples: int = Field(0, description="Examples stored for it")
+
+
+class ExampleIn(BaseModel):
+    image_id: int
+    labels: list[str] = Field(max_length=50)
+
+
+class ExamplesIn(BaseModel):
+    type: Literal["binary", "multiclass", "multilabel"]
+    positive: str | None = Field(None, description="A binary head's positive label (required for binary heads)")
+    examples: list[ExampleIn] = Field(max_length=1000)
+
+
+class ExampleOut(BaseModel):
+    image_id: int
+    labels: list[str]
+
+
+class ExamplesOut(BaseModel):
+    name: str
+    type: str
+    positive: str | None
+    counts: dict[str, int]
+    examples: list[ExampleOut]
+
+
+class VersionOut(BaseModel):
+    number: int
+    current: bool
+    created_at: datetime
+    examples: int | None
+    metrics: dict
+
+
+class TrainingOut(BaseModel):
+    head: str
+    action: str
+    state: Literal["running", "done", "failed"]
+    progress: dict[str, int]
+    started_at: str
+    finished_at: str | None
+    error: str | None
+    report: dict | None
+
+
+class SuggestionOut(BaseModel):
+    image_id: int
+    reason: Literal["uncertain", "likely wrong", "diverse", "near examples"]
+    detail: str
+
+
+class SuggestionsOut(BaseModel):
+    suggestions: list[SuggestionOut]
 
 
 class HeadOut(BaseModel):
@@ -103,7 +160,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     descriptions = {
         400: "Malformed request body",
         404: "Not found",
-        409: "The index is busy or belongs to another backbone",
+        409: "The index is busy, belongs to another backbone, or the head is being trained",
         413: "Request body over the upload limit",
         415: "Not an image, or not a multipart/form-data body",
         422: "Invalid parameters, or a damaged image",

@@ -219,6 +219,12 @@ WRITES = [
     ("PATCH", "/images/1"),
     ("POST", "/index"),
     ("POST", "/heads"),
+    # The routes that teach heads: each changes the database.
+    ("PUT", "/heads/nope/examples"),
+    ("DELETE", "/heads/nope/examples/1"),
+    ("POST", "/heads/nope/train"),
+    ("POST", "/heads/nope/versions/1/activate"),
+    ("DELETE", "/heads/nope"),
 ]
 
 
@@ -230,9 +236,9 @@ def test_write_routes_need_an_admin_key(keyed):
             refused = keyed.request(method, url, headers={"Authorization": f"Bearer {key}"})
             assert refused.status_code == 403, (method, url, refused.status_code)
             assert "admin key" in refused.json()["detail"]
-        # The admin key gets through to the router (there is no such write route yet: 404/405).
+        # The admin key gets through to the router: no such route (404/405), no such head (404), no body (422).
         admitted = keyed.request(method, url, headers={"X-API-Key": ADMIN_KEY})
-        assert admitted.status_code in (404, 405), (method, url, admitted.status_code)
+        assert admitted.status_code in (404, 405, 422), (method, url, admitted.status_code)
     # A write on a public path is still a write.
     assert keyed.post("/health").status_code == 401
     assert keyed.post("/health", headers={"X-API-Key": ADMIN_KEY}).status_code == 405

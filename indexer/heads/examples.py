@@ -242,6 +242,16 @@ def _at_least_two(found: ExampleSet, names: list[str], counts: dict[str, int]) -
         raise BadExamples(f"head {found.name!r}: every label needs at least 2 examples; too few: {', '.join(few)}")
 
 
+def example_counts(session: Session) -> dict[str, tuple[str, list[str], int]]:
+    """Per example set: its type, its labels, and how many examples it holds."""
+    out = {}
+    for row in session.scalars(select(ExampleSetRow)):
+        labels = session.scalars(select(ExampleRow.labels).where(ExampleRow.set_id == row.id)).all()
+        names = sorted({label for row_labels in labels for label in row_labels})
+        out[row.name] = (row.kind, names, len(labels))
+    return out
+
+
 def example_ids(session: Session, name: str) -> set[int]:
     row = _set_row(session, name)
     if row is None:

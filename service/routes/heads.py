@@ -7,6 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
+from indexer.heads.examples import example_counts
 from indexer.heads.storage import list_heads
 from indexer.heads.workflow import head_report
 from service.deps import LibraryDep
@@ -26,11 +27,26 @@ def tag_counts(library: LibraryDep) -> dict:
 
 @router.get("/heads", response_model=list[HeadSummary])
 def heads(library: LibraryDep) -> list[dict]:
+    """Trained heads, and heads that have examples but no training yet (`trained: false`)."""
     with library.sessions() as session:
-        return [
-            {"name": r.name, "type": r.kind, "labels": list(r.labels), "builtin": r.builtin}
+        counts = example_counts(session)
+        out = [
+            {
+                "name": r.name,
+                "type": r.kind,
+                "labels": list(r.labels),
+                "builtin": r.builtin,
+                "trained": True,
+                "version": r.version,
+                "examples": counts.pop(r.name, (None, None, 0))[2],
+            }
             for r in list_heads(session)
         ]
+        for name, (kind, labels, count) in counts.items():
+            out.append(
+                {"name": name, "type": kind, "labels": labels, "builtin": False, "trained": False, "examples": count}
+            )
+        return sorted(out, key=lambda head: head["name"])
 
 
 @router.get("/heads/{name}", response_model=HeadOut, responses=error_responses(404))
