@@ -175,6 +175,10 @@ class Library:
         self._index = current
         return current
 
+    def loaded_index(self) -> VectorIndex | None:
+        """The index this process serves, if it has loaded one (never loads it)."""
+        return self._index
+
     def use_index(self, index: VectorIndex) -> None:
         """Serve `index` from now on: one just saved by this process."""
         self._index = index

@@ -189,7 +189,9 @@ class TagRow(Base):
     """One predicted label of one image by one head, with its score."""
 
     __tablename__ = "tags"
-    __table_args__ = (Index("ix_tags_head_label", "head_id", "label"), Index("ix_tags_label", "label"))
+    # By head: a head's tags are deleted and counted together. (A label index went in revision
+    # 0005: filters run on in-memory postings, and it cost every tag write a fourth b-tree.)
+    __table_args__ = (Index("ix_tags_head_label", "head_id", "label"),)
 
     image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     head_id: Mapped[int] = mapped_column(ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True)

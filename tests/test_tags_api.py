@@ -204,8 +204,9 @@ def test_heads_routes(served, client):
     assert response.status_code == 200
     heads = {h["name"]: h for h in response.json()}
     assert set(heads) == {"clothes", "footwear", "imagenet"}
-    assert heads["clothes"] == {"name": "clothes", "type": "multiclass", "labels": CLASSES, "builtin": False}
-    assert heads["footwear"] == {"name": "footwear", "type": "binary", "labels": ["other", "shoes"], "builtin": False}
+    trained = {"builtin": False, "trained": True, "version": 1, "examples": 0}  # from label files: no stored examples
+    assert heads["clothes"] == {"name": "clothes", "type": "multiclass", "labels": CLASSES, **trained}
+    assert heads["footwear"] == {"name": "footwear", "type": "binary", "labels": ["other", "shoes"], **trained}
     assert heads["imagenet"]["builtin"] and len(heads["imagenet"]["labels"]) == 1000
 
     clothes = client.get("/heads/clothes").json()

@@ -22,6 +22,9 @@ import cli
 import databases
 from conftest import SAMPLES
 from indexer.filters import TagIndex
+from indexer.heads import tagging
+from indexer.heads.examples import put_examples
+from indexer.heads.tagging import backbone_id_of
 from indexer.heads.teach import train_from_examples
 from indexer.library import Library
 from indexer.models import ExampleRow, HeadRow, HeadVersionRow, ImageRow, TagRow
@@ -142,6 +145,11 @@ def test_four_examples_train_a_binary_head_that_tags_and_filters(home, client):
     assert {r["id"] for r in hits["results"]} == tagged_shoes - {home.by_class["dress"][3]}
     listed = {h["name"]: h for h in client.get("/heads").json()}
     assert listed["footwear"]["version"] == 1 and listed["footwear"]["examples"] == 4
+    # The plots are rendered when first asked for, from what the training stored.
+    assert report["plots"] == ["loss.png", "confusion_matrix.png", "precision_recall.png"]
+    for name in report["plots"]:
+        plot = client.get(f"/heads/footwear/plots/{name}")
+        assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG"), name
 
 
 def test_versions_are_kept_and_an_earlier_one_made_current_restores_its_tags(home, client):
@@ -223,27 +231,34 @@ def test_a_large_collection_trains_in_the_background_with_progress(home, tmp_pat
         started = client.post("/heads/legs/train")
         assert started.status_code == 202, started.text
         assert started.headers["location"] == "/heads/legs/training"
-        deadline = time.monotonic() + 120
-        while (state := client.get("/heads/legs/training").json())["state"] == "running":
-            assert time.monotonic() < deadline, state
-            time.sleep(0.05)
+        state = wait_for_training(client, "legs")
         assert state["state"] == "done", state
         assert state["progress"]["done"] == state["progress"]["total"] == 80
         assert state["report"]["tagged"] == sum(len(t) for t in db_tags(settings, "legs").values())
         assert "legs" in client.get("/tags").json()
-        # A second training of the same head while one runs is refused; nothing runs now, so this one starts.
+        # A second one starts, and a third while it runs is refused (or it had already finished).
         assert client.post("/heads/legs/train").status_code == 202
+        third = client.post("/heads/legs/train")
+        assert third.status_code in (202, 409), third.text
+        if third.status_code == 409:
+            assert "already" in third.json()["detail"]
+        assert wait_for_training(client, "legs")["state"] == "done"
 
 
-def test_readers_see_the_old_tags_until_the_new_ones_are_all_written(home):
+def wait_for_training(client, head: str) -> dict:
+    deadline = time.monotonic() + 120
+    while (state := client.get(f"/heads/{head}/training").json())["state"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
+def test_readers_see_the_old_tags_until_the_new_ones_are_all_written(home, monkeypatch):
     library = Library(home.settings)
     try:
+        shirts = [(i, ["shirt"]) for i in home.ids("shirt", 3)] + [(i, ["other"]) for i in home.ids("shoes", 3)]
         with library.sessions.begin() as session:
-            from indexer.heads.examples import put_examples
-            from indexer.heads.tagging import backbone_id_of
-
-            examples = [(i, ["shirt"]) for i in home.ids("shirt", 3)] + [(i, ["other"]) for i in home.ids("shoes", 3)]
-            put_examples(session, "atomic", "binary", examples, positive="shirt", backbone_id=backbone_id_of(library))
+            put_examples(session, "atomic", "binary", shirts, positive="shirt", backbone_id=backbone_id_of(library))
         train_from_examples(library, "atomic")
         old = db_tags(home.settings, "atomic")
         more = [(i, ["shirt"]) for i in home.ids("t-shirt", 4)] + [(i, ["shirt"]) for i in home.ids("longsleeve", 4)]
@@ -251,10 +266,12 @@ def test_readers_see_the_old_tags_until_the_new_ones_are_all_written(home):
             put_examples(session, "atomic", "binary", more, backbone_id=backbone_id_of(library))
         seen = []
 
-        def check(done: int, total: int) -> None:
-            # Mid-way through the rewrite (the transaction is open): another connection still reads
+        def check(point: str) -> None:
+            # Every new tag is written and the transaction is still open: another connection reads
             # the old tags, all of them, and a fresh TagIndex holds exactly those.
-            seen.append(done)
+            if point != "tag":
+                return
+            seen.append(point)
             assert db_tags(home.settings, "atomic") == old
             reader = Library(home.settings)
             with reader.sessions() as session:
@@ -267,10 +284,16 @@ def test_readers_see_the_old_tags_until_the_new_ones_are_all_written(home):
                     want.setdefault(label, set()).add(image_id)
             assert got == want
 
-        train_from_examples(library, "atomic", progress=check)
-        assert seen and seen[-1] == sum(len(v) for v in home.by_class.values())
+        monkeypatch.setattr(tagging, "checkpoint", check)
+        report = train_from_examples(library, "atomic")
+        assert seen == ["tag"]
         new = db_tags(home.settings, "atomic")
-        assert new != old and sum(len(t) for t in new.values()) == seen[-1]
+        assert new != old and sum(len(t) for t in new.values()) == report["tagged"] == 80
+        # The postings this process serves are the new ones, without a reload.
+        served = library.tag_index().postings
+        assert {label: set(ids.tolist()) for (head, label), (ids, _) in served.items() if head == "atomic"} == {
+            label: {i for i, t in new.items() if t[0][0] == label} for label in ("other", "shirt")
+        }
     finally:
         library.close()
 

@@ -74,21 +74,38 @@ class Head:
         return self.decide(self.probabilities(x))
 
     def decide(self, probs: np.ndarray) -> list[list[tuple[str, float]]]:
-        """The (label, score) tags of each row of probabilities, following the head's decision rule."""
+        """The (label, score) tags of each row of probabilities, following the head's decision rule
+        (multi-class: the top label first)."""
+        labels, mask, scores = self.tag_matrix(probs)
+        top = probs.argmax(axis=1) if self.kind == MULTICLASS else None
+        out = []
+        for i, row in enumerate(mask):
+            chosen = np.flatnonzero(row).tolist()
+            if top is not None and top[i] in chosen and chosen[0] != top[i]:
+                chosen.remove(top[i])
+                chosen.insert(0, int(top[i]))
+            out.append([(labels[j], float(scores[i, j])) for j in chosen])
+        return out
+
+    def tag_matrix(self, probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The decision rule on a whole block: (label names, tagged (n, L) bool, scores (n, L) float32).
+
+        binary: the positive label at or above the threshold (score p), else the negative one
+        (score 1 - p); multi-label: each label at or above its threshold; multi-class: the top
+        label from `min_confidence` on, and any other at or above `score_floor`."""
+        probs = np.asarray(probs, dtype=np.float32)
         if self.kind == BINARY:
-            negative, positive = self.labels
-            threshold = self.thresholds[0] if self.thresholds else 0.5
-            return [[(positive, float(p))] if p >= threshold else [(negative, float(1.0 - p))] for p in probs[:, 0]]
+            p = probs[:, 0]
+            positive = p >= (self.thresholds[0] if self.thresholds else 0.5)
+            return list(self.labels), np.stack([~positive, positive], axis=1), np.stack([1.0 - p, p], axis=1)
         if self.kind == MULTILABEL:
             thresholds = np.asarray(self.thresholds or [0.5] * len(self.labels))
-            return [[(self.labels[j], float(row[j])) for j in np.flatnonzero(row >= thresholds)] for row in probs]
-        tags = []
-        for row in probs:
-            top = int(row.argmax())
-            chosen = [(self.labels[top], float(row[top]))] if row[top] >= self.min_confidence else []
-            chosen += [(self.labels[j], float(row[j])) for j in np.flatnonzero(row >= self.score_floor) if j != top]
-            tags.append(chosen)
-        return tags
+            return list(self.labels), probs >= thresholds, probs
+        rows = np.arange(len(probs))
+        top = probs.argmax(axis=1)
+        mask = probs >= self.score_floor
+        mask[rows, top] = probs[rows, top] >= self.min_confidence
+        return list(self.labels), mask, probs
 
     def weights_blob(self) -> bytes:
         out = io.BytesIO()

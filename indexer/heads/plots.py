@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,9 @@ def _pyplot():
 
 def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: list[str]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / PLOT_INPUTS).unlink(missing_ok=True)  # an earlier training's: these plots replace it
+    for old in PLOT_FILES:
+        (folder / old).unlink(missing_ok=True)
     saved = []
     if history.get("train_loss"):
         saved.append(_loss_curves(folder / "loss.png", name, history))
@@ -32,9 +38,72 @@ def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: li
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Written beside and renamed: a plot rendered on request may be asked for twice at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path
+
+
+# -- plots rendered when first asked for ---------------------------------------------------------
+# Rendering takes 0.5-0.8 s, most of a head trained from the page: the training stores what the
+# plots need, and GET /heads/{name}/plots/{file} renders a missing one.
+
+PLOT_INPUTS = "plot_inputs.json"
+PLOT_FILES = ("loss.png", "confusion_matrix.png", "precision_recall.png")
+
+
+def save_plot_inputs(folder: Path, name: str, history: dict, metrics: dict, labels: list[str]) -> list[str]:
+    """Store what `save_plots` needs; returns the names of the plots it will render. Stale PNGs go."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = {
+        "name": name,
+        "history": history,
+        "metrics": {k: metrics[k] for k in ("confusion_matrix", "curves") if metrics.get(k)},
+        "labels": labels,
+    }
+    tmp = folder / f".{PLOT_INPUTS}.tmp"
+    tmp.write_text(json.dumps(inputs, default=_plain))
+    for old in PLOT_FILES:
+        (folder / old).unlink(missing_ok=True)
+    os.replace(tmp, folder / PLOT_INPUTS)
+    names = ["loss.png"] if history.get("train_loss") else []
+    names += ["confusion_matrix.png"] if inputs["metrics"].get("confusion_matrix") else []
+    names += ["precision_recall.png"] if inputs["metrics"].get("curves") else []
+    return names
+
+
+def render_missing(folder: Path, file: str) -> Path | None:
+    """The plot `file` of a head's folder, rendered now from its stored inputs if it is missing."""
+    path = folder / file
+    if path.is_file():
+        return path
+    try:
+        inputs = json.loads((folder / PLOT_INPUTS).read_text())
+    except (OSError, ValueError):
+        return None
+    with _render_lock:
+        if not path.is_file():
+            history, metrics, name = inputs["history"], inputs["metrics"], inputs["name"]
+            if file == "loss.png" and history.get("train_loss"):
+                _loss_curves(path, name, history)
+            elif file == "confusion_matrix.png" and metrics.get("confusion_matrix"):
+                _confusion(path, name, np.array(metrics["confusion_matrix"]), inputs["labels"])
+            elif file == "precision_recall.png" and metrics.get("curves"):
+                _pr_curves(path, name, metrics["curves"])
+    return path if path.is_file() else None
+
+
+_render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _loss_curves(path: Path, name: str, history: dict) -> Path:

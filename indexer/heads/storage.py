@@ -100,14 +100,35 @@ def versions_of(session: Session, name: str) -> list[HeadVersionRow]:
     )
 
 
-def make_version_current(session: Session, name: str, number: int) -> int:
-    """Copy version `number`'s weights into the head; its tags are deleted for the caller to rewrite."""
+def _version_row(session: Session, name: str, number: int) -> tuple[HeadRow, HeadVersionRow]:
     row = head_row(session, name)
     version = session.scalar(
         select(HeadVersionRow).where(HeadVersionRow.head_id == row.id, HeadVersionRow.number == number)
     )
     if version is None:
         raise UnknownVersion(f"head {name!r} has no version {number}")
+    return row, version
+
+
+def version_head(session: Session, name: str, number: int) -> Head:
+    """Version `number` of head `name` as a Head, without making it current."""
+    _, version = _version_row(session, name, number)
+    weight, bias = Head.arrays_from_blob(version.weights)
+    return Head(
+        name,
+        version.kind,
+        list(version.labels),
+        weight,
+        bias,
+        thresholds=list(version.thresholds),
+        min_confidence=version.min_confidence,
+        score_floor=version.score_floor,
+    )
+
+
+def make_version_current(session: Session, name: str, number: int) -> int:
+    """Copy version `number`'s weights into the head; its tags are deleted for the caller to rewrite."""
+    row, version = _version_row(session, name, number)
     session.execute(delete(TagRow).where(TagRow.head_id == row.id))
     row.kind = version.kind
     row.labels = list(version.labels)

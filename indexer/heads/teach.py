@@ -20,7 +20,7 @@ import numpy as np
 from indexer import store
 from indexer.errors import BadExamples, Conflict, LookalikeError
 from indexer.heads.examples import ExampleSet, get_examples, training_set
-from indexer.heads.plots import save_plots
+from indexer.heads.plots import save_plot_inputs
 from indexer.heads.tagging import backbone_id_of, make_current, save_and_tag
 from indexer.heads.training import TrainOptions, train_head
 from indexer.heads.workflow import _write_json, training_report
@@ -48,7 +48,7 @@ def train_from_examples(
     report["source"] = "stored examples"
     report["mistakes"] = _mistakes(found, labelled.ids, result)
     report_dir = library.home / "heads" / name
-    report["plots"] = [p.name for p in save_plots(report_dir, name, result.history, result.metrics, labelled.names)]
+    report["plots"] = save_plot_inputs(report_dir, name, result.history, result.metrics, labelled.names)
     _write_json(report_dir / "report.json", report)
     plotted = time.perf_counter()
     tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir), progress=progress)
@@ -56,7 +56,7 @@ def train_from_examples(
     report["tagged"] = tagged
     report["seconds"] = {
         "train": round(trained - started, 3),
-        "plots": round(plotted - trained, 3),
+        "report": round(plotted - trained, 3),
         "tag": round(done - plotted, 3),
         "total": round(done - started, 3),
     }

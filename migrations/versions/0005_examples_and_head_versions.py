@@ -5,7 +5,8 @@ Revises: 0004
 
 `example_sets` / `examples`: the images a person labelled for a head, through the API or the page
 (a head is taught from them). `head_versions`: each training's weights, so an earlier version can
-be made current again; `heads.version` says which one the head's own weights are.
+be made current again; `heads.version` says which one the head's own weights are. The index of
+tags by label alone goes.
 """
 
 from alembic import op
@@ -59,9 +60,13 @@ def upgrade() -> None:
     # A plain ADD COLUMN: a batch copy of `heads` would drop the table, and with foreign keys on,
     # SQLite's implicit DELETE would take every tag with it (ON DELETE CASCADE).
     op.add_column('heads', sa.Column('version', sa.Integer(), nullable=True))
+    # Unused since filters run on in-memory postings; every tag written or deleted paid for it
+    # (100k tags of a head re-trained from the page: 0.2 s of its 0.75 s write).
+    op.drop_index('ix_tags_label', table_name='tags')
 
 
 def downgrade() -> None:
+    op.create_index('ix_tags_label', 'tags', ['label'], unique=False)
     with op.batch_alter_table('heads', schema=None) as batch_op:
         batch_op.drop_column('version')
     op.drop_table('head_versions')

@@ -8,15 +8,13 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
 from indexer.heads.examples import example_counts
+from indexer.heads.plots import PLOT_FILES, render_missing  # no other file name is ever served
 from indexer.heads.storage import list_heads
 from indexer.heads.workflow import head_report
 from service.deps import LibraryDep
 from service.schemas import HeadOut, HeadSummary, error_responses
 
 router = APIRouter(tags=["heads"])
-
-# The plots `heads train` saves beside a head's report; no other name is ever served.
-PLOT_FILES = ("loss.png", "confusion_matrix.png", "precision_recall.png")
 
 
 @router.get("/tags", response_model=dict[str, dict[str, int]])
@@ -64,7 +62,7 @@ def head_plot(library: LibraryDep, name: str, file: str):
     if file not in PLOT_FILES:
         raise HTTPException(status_code=404, detail=f"no plot named {file!r}; plots are {', '.join(PLOT_FILES)}")
     report_dir = head_report(library, name)["report_dir"]  # an unknown head is a 404 too
-    path = Path(report_dir) / file if report_dir else None
-    if path is None or not path.is_file():
+    path = render_missing(Path(report_dir), file) if report_dir else None
+    if path is None:
         raise HTTPException(status_code=404, detail=f"head {name!r} has no {file}")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
