@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048)
     train_inline_max: int = Field(
-        default=200_000,
+        default=100_000,
         ge=0,
         description="POST /heads/{name}/train answers when done up to this many images; above, it re-tags"
         " in the background and answers 202 at once",

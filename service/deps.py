@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from indexer.errors import NotIndexed
 from indexer.library import Library
 
 
@@ -14,3 +15,13 @@ def get_library(request: Request) -> Library:
 
 
 LibraryDep = Annotated[Library, Depends(get_library)]
+
+
+def _image_id(image_id: int) -> int:
+    """Ids are 64-bit; a larger number names no image (rather than overflowing SQL and FAISS)."""
+    if not -(2**63) <= image_id < 2**63:
+        raise NotIndexed(f"no image with id {image_id}")
+    return image_id
+
+
+ImageId = Annotated[int, Depends(_image_id)]

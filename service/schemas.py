@@ -47,7 +47,7 @@ class HeadSummary(BaseModel):
 
 
 class ExampleIn(BaseModel):
-    image_id: int
+    image_id: int = Field(ge=-(2**63), lt=2**63)
     labels: list[str] = Field(max_length=50)
 
 
@@ -80,8 +80,10 @@ class VersionOut(BaseModel):
 
 class TrainingOut(BaseModel):
     head: str
-    action: str
-    state: Literal["running", "done", "failed"]
+    action: str | None = Field(description="train, or activate N; null when idle")
+    state: Literal["idle", "running", "done", "failed"] = Field(
+        description="idle: nothing started for this head since the server started"
+    )
     progress: dict[str, int]
     started_at: str
     finished_at: str | None

@@ -165,8 +165,10 @@ def test_versions_are_kept_and_an_earlier_one_made_current_restores_its_tags(hom
     assert {label for t in v2.values() for label, _ in t} >= {"dress"} and v2 != v1
     versions = client.get("/heads/kind/versions").json()
     assert [(v["number"], v["current"], v["examples"]) for v in versions] == [(1, False, 6), (2, True, 18)]
+    assert client.get("/heads/kind/plots/loss.png").status_code == 200
     back = client.post("/heads/kind/versions/1/activate")
     assert back.status_code == 200, back.text
+    assert client.get("/heads/kind/plots/loss.png").status_code == 404  # they showed version 2
     assert db_tags(home.settings, "kind") == v1
     assert client.get("/tags").json()["kind"] == dict(Counter(label for t in v1.values() for label, _ in t))
     assert [v["current"] for v in client.get("/heads/kind/versions").json()] == [True, False]
@@ -177,6 +179,16 @@ def test_versions_are_kept_and_an_earlier_one_made_current_restores_its_tags(hom
 def test_multilabel_examples_may_carry_no_label(home, client):
     upper = {i: ["upper", "top"] for i in home.ids("t-shirt", 3) + home.ids("shirt", 2)}
     lower = {i: ["lower"] for i in home.ids("pants", 3) + home.ids("shorts", 2)}
+    few = client.put(
+        "/heads/few-labels/examples",
+        json={
+            "type": "multilabel",
+            "examples": [{"image_id": i, "labels": ["hat"]} for i in home.ids("hat", 3)]
+            + [{"image_id": i, "labels": ["pants"]} for i in home.ids("pants", 2)],
+        },
+    )
+    assert few.status_code == 200
+    assert client.post("/heads/few-labels/train").status_code == 200  # as many folds as its rarest side allows
     nothing = {i: [] for i in home.ids("hat", 3)}
     assert put(client, "body", "multilabel", upper | lower | nothing).status_code == 200
     report = client.post("/heads/body/train").json()
@@ -228,6 +240,9 @@ def test_a_large_collection_trains_in_the_background_with_progress(home, tmp_pat
     with TestClient(create_app(settings)) as client:
         examples = {i: ["pants"] for i in home.ids("pants", 3)} | {i: ["other"] for i in home.ids("hat", 3)}
         assert put(client, "legs", "binary", examples, positive="pants").status_code == 200
+        idle = client.get("/heads/legs/training").json()
+        assert idle["state"] == "idle" and idle["action"] is None
+        assert client.get("/heads/nope/training").status_code == 404
         started = client.post("/heads/legs/train")
         assert started.status_code == 202, started.text
         assert started.headers["location"] == "/heads/legs/training"

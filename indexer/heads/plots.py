@@ -74,6 +74,12 @@ def save_plot_inputs(folder: Path, name: str, history: dict, metrics: dict, labe
     return names
 
 
+def forget_plots(folder: Path) -> None:
+    """Remove a head's plots and their inputs (they belong to a version no longer current)."""
+    for name in (*PLOT_FILES, PLOT_INPUTS):
+        (folder / name).unlink(missing_ok=True)
+
+
 def render_missing(folder: Path, file: str) -> Path | None:
     """The plot `file` of a head's folder, rendered now from its stored inputs if it is missing."""
     path = folder / file

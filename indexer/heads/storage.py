@@ -138,6 +138,7 @@ def make_version_current(session: Session, name: str, number: int) -> int:
     row.score_floor = version.score_floor
     row.metrics = version.metrics
     row.version = version.number
+    row.created_at = version.created_at
     session.flush()
     return row.id
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 from sqlalchemy import select
 
@@ -43,6 +44,12 @@ DIVERSE_FRACTION = 1 / 6  # of a batch: exploration far from the labelled images
 VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
 WRONG_SAMPLE = 8192  # candidates checked against the labelled examples, at most
 MAX_SUGGESTIONS = 100
+EARLY_COVERAGE = 1 / 6  # binary and multi-label: coverage share of a batch below COVERAGE_UNTIL per label
+COVERAGE_UNTIL = 4  # multi-class: examples per label below which every pick is a coverage pick
+COVERAGE_SAMPLE = 4096  # unlabelled images clustered for coverage picks, at most
+MAX_GROUPS = 256
+KMEANS_ITERATIONS = 10
+TYPICALITY_NEIGHBOURS = 20
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,9 @@ def suggest(
     if n <= 0:
         return []
     picker = _Picker(labelled, candidate_ids, candidate_vectors, same_picture)
-    if head is None:
+    if head is None and not len(labelled.ids):
+        _coverage(picker, n, np.random.default_rng(seed))
+    elif head is None:
         _near_examples(picker, n)
     else:
         _with_head(picker, head, n, np.random.default_rng(seed))
@@ -145,13 +154,80 @@ def fast_probabilities(head: Head, vectors: np.ndarray) -> np.ndarray:
 def _with_head(picker: _Picker, head: Head, n: int, rng) -> None:
     probs = fast_probabilities(head, picker.vectors)
     margin = margins(head, probs)
+    if head.kind == MULTICLASS:
+        # Many labels, few examples of each: the groups no example covers teach the head more
+        # than its uncertain boundaries until every label has a few (bench/teach.py).
+        per_label = len(picker.labelled.ids) / max(1, len(head.labels))
+        n_coverage = n if per_label < COVERAGE_UNTIL else n // 2
+        _coverage(picker, n_coverage, rng)
+        _uncertain(picker, head, margin, n - len(picker.chosen))
+        return
     decisions = head.decide(probs) if len(probs) <= WRONG_SAMPLE else None
     n_wrong = int(n * WRONG_FRACTION) if len(picker.labelled.ids) >= VOTERS else 0
-    n_diverse = max(1, round(n * DIVERSE_FRACTION)) if n >= 4 else 0
+    per_label = len(picker.labelled.ids) / max(1, len(head.labels))
+    share = EARLY_COVERAGE if per_label < COVERAGE_UNTIL else DIVERSE_FRACTION
+    n_coverage = max(1, round(n * share)) if n >= 4 else 0
     if n_wrong:
         _likely_wrong(picker, head, probs, decisions, n_wrong, rng)
-    _uncertain(picker, head, margin, n - n_diverse - len(picker.chosen))
-    _diverse(picker, n - len(picker.chosen), rng)
+    _uncertain(picker, head, margin, n - n_coverage - len(picker.chosen))
+    _coverage(picker, n - len(picker.chosen), rng)
+
+
+def _coverage(picker: _Picker, count: int, rng) -> None:
+    """The most typical image of each of the largest groups that no labelled image falls in.
+
+    The unlabelled images (a sample) and the labelled ones are clustered into as many groups as
+    there are labelled images plus picks wanted (spherical k-means); groups holding a labelled
+    image are covered. From each uncovered group, largest first, the image with the highest
+    typicality (mean similarity to its nearest neighbours in the group) is picked (as TypiClust,
+    Hacohen et al. 2022, which beats uncertainty at small label budgets)."""
+    if count <= 0:
+        return
+    rows = np.arange(len(picker.ids))
+    if len(rows) > COVERAGE_SAMPLE:
+        rows = np.sort(rng.choice(rows, COVERAGE_SAMPLE, replace=False))
+    rows = np.array([r for r in rows if not picker.taken(int(r))], dtype=np.int64)
+    labelled = picker.labelled.vectors
+    if picker.rows:
+        labelled = np.concatenate([labelled, picker.vectors[picker.rows]])
+    points = np.ascontiguousarray(np.concatenate([labelled, picker.vectors[rows]]), dtype=np.float32)
+    groups = min(len(labelled) + count, MAX_GROUPS, len(points))
+    if len(rows) == 0 or groups < 1:
+        return
+    kmeans = faiss.Kmeans(
+        points.shape[1],
+        groups,
+        niter=KMEANS_ITERATIONS,
+        seed=int(rng.integers(1 << 30)),
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, len(points) // groups + 1),
+    )
+    kmeans.train(points)
+    _, assigned = kmeans.index.search(points, 1)
+    assigned = assigned[:, 0]
+    covered = set(assigned[: len(labelled)].tolist())
+    members_of = assigned[len(labelled) :]
+    sizes = np.bincount(members_of, minlength=groups)
+    taken = 0
+    for group in np.argsort(-sizes, kind="stable"):
+        if taken >= count or sizes[group] == 0:
+            break
+        if int(group) in covered:
+            continue
+        members = np.flatnonzero(members_of == group)
+        vectors = picker.vectors[rows[members]]
+        neighbours = min(TYPICALITY_NEIGHBOURS, len(members) - 1)
+        if neighbours:
+            sims = vectors @ vectors.T
+            typicality = np.sort(sims, axis=1)[:, -neighbours - 1 : -1].mean(axis=1)
+        else:
+            typicality = np.ones(len(members))
+        for at in np.argsort(-typicality, kind="stable"):
+            detail = f"typical of a group of {len(members)} unlabelled images that no example covers"
+            if picker.take(int(rows[members[at]]), "diverse", detail):
+                taken += 1
+                break
 
 
 def _likely_wrong(picker: _Picker, head: Head, probs, decisions, limit: int, rng) -> None:

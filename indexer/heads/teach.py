@@ -97,8 +97,8 @@ def _mistakes(found: ExampleSet, ids: np.ndarray, result) -> list[dict]:
 @dataclass
 class Training:
     head: str
-    action: str  # "train" or "activate N"
-    state: str = "running"  # running | done | failed
+    action: str | None  # "train" or "activate N"; None when idle
+    state: str = "running"  # running | done | failed (idle: nothing started)
     done: int = 0
     total: int = 0
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())

@@ -145,7 +145,11 @@ def resolve_folds(kind: str, y: np.ndarray, options: TrainOptions) -> int:
         return 0
     y = np.asarray(y)
     if kind == MULTILABEL:
-        return DEFAULT_FOLDS  # stratified on each row's rarest label; rare labels are spread as far as they go
+        # Stratified on each row's rarest label; rare labels are spread as far as they go. A handful
+        # of examples gets as many folds as its rarest side allows (never more than the rows).
+        matrix = y.reshape(len(y), -1)
+        sides = np.concatenate([matrix.sum(axis=0), len(matrix) - matrix.sum(axis=0)])
+        return max(2, min(DEFAULT_FOLDS, int(sides[sides > 0].min()) if (sides > 0).any() else 2, len(y)))
     smallest = int(min(c for c in np.bincount(y) if c > 0))
     return max(2, min(DEFAULT_FOLDS, smallest))
 

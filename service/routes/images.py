@@ -6,11 +6,13 @@ import mimetypes
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from indexer import store
 from indexer.decode import make_thumbnail
@@ -18,7 +20,8 @@ from indexer.errors import ImageRejected, NotIndexed
 from indexer.heads.storage import tags_of
 from indexer.library import Library
 from indexer.search import search_similar
-from service.deps import LibraryDep
+from indexer.uploads import add_upload, delete_upload
+from service.deps import ImageId, LibraryDep
 from service.filters import TagFilterDep
 from service.routes.search import EXACT_HELP, MAX_K
 from service.safe_files import open_indexed_file
@@ -46,16 +49,6 @@ FILE_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def _image_id(image_id: int) -> int:
-    """Ids are 64-bit; a larger number names no image (rather than overflowing SQL and FAISS)."""
-    if not -(2**63) <= image_id < 2**63:
-        raise NotIndexed(f"no image with id {image_id}")
-    return image_id
-
-
-ImageId = Annotated[int, Depends(_image_id)]
-
-
 def _indexed_row(library: Library, image_id: int):
     with library.sessions() as session:
         row = store.get_image(session, image_id)
@@ -66,10 +59,53 @@ def _indexed_row(library: Library, image_id: int):
 
 @router.get("/{image_id}", response_model=ImageOut)
 def image_metadata(library: LibraryDep, image_id: ImageId) -> dict:
+    return _metadata(library, image_id)
+
+
+def _metadata(library: Library, image_id: int) -> dict:
     row = _indexed_row(library, image_id)
     with library.sessions() as session:
         tags = tags_of(session, [image_id])[image_id]
     return {**{name: getattr(row, name) for name in ImageOut.model_fields if name != "tags"}, "tags": tags}
+
+
+@router.post(
+    "",
+    response_model=ImageOut,
+    status_code=201,
+    responses={200: {"model": ImageOut, "description": "The same bytes were uploaded before: that image"}}
+    | error_responses(400, 409, 413, 415, 422),
+)
+def upload_image(
+    library: LibraryDep, file: Annotated[UploadFile, File(description="The image to add to the collection")]
+):
+    """Add an image: stored in the home's uploads folder (content-addressed), indexed and tagged.
+
+    201 with its metadata; 200 with the existing image's when the same bytes were uploaded before."""
+    data = file.file.read()
+    # A writer of its own: the served index is never changed under running searches; the new
+    # generation it saves is loaded beside and swapped in (refresh) before the answer goes out.
+    with _writer(library) as writer:
+        image_id, new = add_upload(writer, data)
+    library.refresh()
+    return JSONResponse(jsonable_encoder(ImageOut(**_metadata(library, image_id))), status_code=201 if new else 200)
+
+
+@router.delete("/{image_id}", status_code=204, responses=error_responses(409))
+def delete_image(library: LibraryDep, image_id: ImageId) -> None:
+    """Remove an uploaded image (file, row, vector, tags). Images of an indexed folder are a 409."""
+    with _writer(library) as writer:
+        delete_upload(writer, image_id)
+    library.refresh()
+
+
+@contextmanager
+def _writer(library: Library) -> Iterator[Library]:
+    writer = Library(library.settings, notify=library.notify)
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 @router.get("/{image_id}/similar", response_model=SearchOut)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
-from indexer.errors import NotIndexed
 from indexer.heads.examples import get_examples, put_examples, remove_example
 from indexer.heads.storage import delete_head, head_row, versions_of
 from indexer.heads.suggestions import MAX_SUGGESTIONS, suggestions_for
 from indexer.heads.tagging import backbone_id_of
-from indexer.heads.teach import Trainings
-from service.deps import LibraryDep
+from indexer.heads.teach import Training, Trainings
+from service.deps import ImageId, LibraryDep
 from service.filters import TagFilterDep
 from service.schemas import (
     ExamplesIn,
@@ -24,7 +24,7 @@ from service.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/heads", tags=["teaching"], responses=error_responses(404, 422))
+router = APIRouter(prefix="/heads", tags=["teaching"], responses=error_responses(400, 404, 422))
 
 STARTED = {202: {"model": TrainingOut, "description": "Started in the background: follow GET /heads/{name}/training"}}
 
@@ -56,7 +56,7 @@ def set_examples(library: LibraryDep, name: str, body: ExamplesIn) -> dict:
 
 
 @router.delete("/{name}/examples/{image_id}", status_code=204)
-def delete_example(library: LibraryDep, name: str, image_id: int) -> None:
+def delete_example(library: LibraryDep, name: str, image_id: ImageId) -> None:
     with library.sessions.begin() as session:
         remove_example(session, name, image_id)
 
@@ -76,7 +76,10 @@ def training(request: Request, name: str) -> dict:
     """The latest training or version change of this head started by this server, with its progress."""
     job = _trainings(request).latest(name)
     if job is None:
-        raise NotIndexed(f"no training of head {name!r} since this server started")
+        library = request.app.state.library
+        with library.sessions() as session:
+            get_examples(session, name)  # an unknown head is a 404
+        return Training(name, None, state="idle").to_json()  # nothing started by this server
     return job.to_json()
 
 
@@ -97,7 +100,7 @@ def versions(library: LibraryDep, name: str) -> list[dict]:
 
 
 @router.post("/{name}/versions/{number}/activate", responses=STARTED | error_responses(409))
-def activate(request: Request, name: str, number: int) -> JSONResponse:
+def activate(request: Request, name: str, number: Annotated[int, PathParam(ge=1, le=2**31 - 1)]) -> JSONResponse:
     """Make an earlier (or later) version current again, and re-tag the collection with it."""
     job, finished = _trainings(request).activate(name, number)
     return _answer(job, finished)

@@ -1,4 +1,6 @@
-"""The web page: `/` and its three static files, shipped in the package (no build step, no CDN)."""
+"""The web page: `/` and its static files (app.js and its modules in js/), shipped in the package.
+
+No build step, no CDN."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ _ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
+    # The page's ES modules, imported by app.js: the files of static/js/ when the server starts.
+    **{f"js/{path.name}": "text/javascript; charset=utf-8" for path in sorted((STATIC_DIR / "js").glob("*.js"))},
 }
 
 # Everything the page needs comes from this server; images may be blob: URLs (API keys) or data:.
@@ -39,7 +43,7 @@ def favicon():
     return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/static/{name}", response_class=FileResponse)
+@router.get("/static/{name:path}", response_class=FileResponse)
 def static_asset(name: str):
     media_type = _ASSETS.get(name)
     if media_type is None:
