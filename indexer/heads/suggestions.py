@@ -40,11 +40,11 @@ from indexer.near_duplicates import MATCH, similarity
 NEAR_COPY = 0.97  # cosine from which two images count as the same picture for labelling
 UNCERTAIN_POOL = 20  # times n: the least certain candidates the uncertain picks are spread over
 WRONG_FRACTION = 0.25  # of a batch, at most: likely wrong
-DIVERSE_FRACTION = 1 / 6  # of a batch: exploration far from the labelled images
+DIVERSE_FRACTION = 1 / 4  # binary and multi-label: coverage picks in a batch (bench/teach.py: 1/6 did worse)
 VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
 WRONG_SAMPLE = 8192  # candidates checked against the labelled examples, at most
 MAX_SUGGESTIONS = 100
-EARLY_COVERAGE = 1 / 6  # binary and multi-label: coverage share of a batch below COVERAGE_UNTIL per label
+EARLY_COVERAGE = DIVERSE_FRACTION  # binary and multi-label, below COVERAGE_UNTIL examples per label (1/2 did worse)
 COVERAGE_UNTIL = 4  # multi-class: examples per label below which every pick is a coverage pick
 COVERAGE_SAMPLE = 4096  # unlabelled images clustered for coverage picks, at most
 MAX_GROUPS = 256
