@@ -841,7 +841,7 @@ def heads_eval(
 
 @heads_app.command("delete")
 def heads_delete(name: str, home: HomeOption = None) -> None:
-    """Delete a head and its tags."""
+    """Delete a head: its versions, its tags and its stored examples."""
     from indexer.heads.storage import delete_head
 
     try:
@@ -851,7 +851,7 @@ def heads_delete(name: str, home: HomeOption = None) -> None:
         library.tags_changed()
     except LookalikeError as exc:
         _fail(str(exc))
-    err.print(f"deleted head {name!r} and its tags")
+    err.print(f"deleted head {name!r} with its versions, tags and examples")
 
 
 @db_app.command("upgrade")

@@ -7,11 +7,15 @@ With a head, three kinds of pick, each saying why:
 - `uncertain`: the smallest margin (binary and multi-label: the distance of the score from its
   threshold; multi-class: top probability minus the second), spread out by a farthest-first pass
   weighted by uncertainty, so one batch does not spend its labels on one corner of the space;
-- `diverse`: far from everything labelled, a few per batch, so that regions the head has never
-  seen get a label too (uncertainty alone keeps refining the boundary it already drew).
-Before a head exists: the unlabelled neighbours of the examples, the labels with fewest examples
-first (`near examples`). Near-copies of a labelled image or of another pick are left out (the
-embedding's cosine, and the pixel signature when the caller gives signatures).
+- `diverse`: the most typical image of a group (spherical k-means) that no labelled image falls
+  in, largest groups first (TypiClust): regions the head has never seen get a label too, and at
+  small budgets these teach more than its uncertain boundary (bench/teach.py).
+A multi-class batch is all `diverse` until every label has COVERAGE_UNTIL examples, then half;
+a binary or multi-label batch is a quarter `likely wrong`, a quarter `diverse`, the rest
+`uncertain`. Before a head exists: the unlabelled neighbours of the examples, the labels with
+fewest examples first (`near examples`); with no examples at all, `diverse` picks. Near-copies of
+a labelled image or of another pick are left out (the embedding's cosine, and the pixel
+signature when the caller gives signatures).
 
 `suggest` works on arrays (the benchmark drives it with a simulated labeller);
 `suggestions_for` gathers them for a head of a home.
