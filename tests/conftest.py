@@ -169,3 +169,27 @@ def assert_index_matches_db(library) -> None:
         indexed = sorted(session.scalars(select(ImageRow.id).where(ImageRow.status.in_(["indexed", "imported"]))))
     assert ids.tolist() == indexed
     assert np.array_equal(np.sort(library.index().ids()), ids)
+
+
+# -- the web page's tests: Debian's Chromium, driven by Playwright (never a downloaded browser) ----
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright  # only the browser tests need it
+
+    assert Path(CHROMIUM).is_file(), "Debian's chromium is needed: apt-get install -y chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

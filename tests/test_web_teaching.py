@@ -22,11 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from sqlalchemy import select
 from test_web import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     TIMEOUT_MS,
     Watched,
     facet_button,
@@ -101,15 +99,6 @@ def server(home, tmp_path_factory) -> Iterator[str]:
 def http(server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=120) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).is_file(), "Debian's chromium is needed: apt-get install -y chromium"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,14 @@ def _with_head(picker: _Picker, head: Head, n: int, rng) -> None:
     _coverage(picker, n - len(picker.chosen), rng)
 
 
+def _free_sample(picker: _Picker, limit: int, rng) -> np.ndarray:
+    """Rows of at most `limit` candidates drawn uniformly, in order, none of them picked already."""
+    rows = np.arange(len(picker.ids))
+    if len(rows) > limit:
+        rows = np.sort(rng.choice(rows, limit, replace=False))
+    return np.array([r for r in rows if not picker.taken(int(r))], dtype=np.int64)
+
+
 def _coverage(picker: _Picker, count: int, rng) -> None:
     """The most typical image of each of the largest groups that no labelled image falls in.
 
@@ -187,10 +195,7 @@ def _coverage(picker: _Picker, count: int, rng) -> None:
     Hacohen et al. 2022, which beats uncertainty at small label budgets)."""
     if count <= 0:
         return
-    rows = np.arange(len(picker.ids))
-    if len(rows) > COVERAGE_SAMPLE:
-        rows = np.sort(rng.choice(rows, COVERAGE_SAMPLE, replace=False))
-    rows = np.array([r for r in rows if not picker.taken(int(r))], dtype=np.int64)
+    rows = _free_sample(picker, COVERAGE_SAMPLE, rng)
     labelled = picker.labelled.vectors
     if picker.rows:
         labelled = np.concatenate([labelled, picker.vectors[picker.rows]])
@@ -311,10 +316,7 @@ def _diverse(picker: _Picker, count: int, rng, *, allow_copies: bool = False) ->
     """Farthest-first from everything labelled or picked, over a sample of the candidates."""
     if count <= 0:
         return
-    rows = np.arange(len(picker.ids))
-    if len(rows) > WRONG_SAMPLE:
-        rows = np.sort(rng.choice(rows, WRONG_SAMPLE, replace=False))
-    rows = np.array([r for r in rows if not picker.taken(int(r))], dtype=np.int64)
+    rows = _free_sample(picker, WRONG_SAMPLE, rng)
     if not len(rows):
         return
     vectors = picker.vectors[rows]
