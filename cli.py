@@ -646,7 +646,7 @@ def heads_examples(
     home: HomeOption = None,
 ) -> None:
     """The examples a head is taught from: add (or relabel), remove, list."""
-    from indexer.heads.examples import get_examples, put_examples, remove_example
+    from indexer.heads.examples import get_examples, put_examples_batched, remove_example
     from indexer.heads.tagging import backbone_id_of
 
     if action not in ("add", "remove", "list"):
@@ -673,6 +673,7 @@ def heads_examples(
             err.print(f"removed {len(ids)} examples from {name!r}")
             return
         rows = _example_rows(library, images or [], label or [], labels_file, kind)
+        backbone_id = backbone_id_of(library)
         with library.sessions.begin() as session:
             known = None
             try:
@@ -681,13 +682,8 @@ def heads_examples(
                 pass
             if kind is None and known is None:
                 _fail("a new head needs --type binary, multiclass or multilabel")
-            found = None
-            backbone_id = backbone_id_of(library)
-            for start in range(0, len(rows), 1000):
-                found = put_examples(
-                    session, name, kind or known, rows[start : start + 1000], positive=positive, backbone_id=backbone_id
-                )
-        counts = ", ".join(f"{lbl} {n}" for lbl, n in (found.counts() if found else {}).items())
+            found = put_examples_batched(session, name, kind or known, rows, positive=positive, backbone_id=backbone_id)
+        counts = ", ".join(f"{lbl} {n}" for lbl, n in found.counts().items())
         err.print(f"{name}: {len(rows)} examples set; now {counts}")
     except LookalikeError as exc:
         _fail(str(exc))

@@ -14,6 +14,7 @@ import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from indexer import store
 from indexer.errors import BadExamples, NotIndexed
 from indexer.heads.model import BINARY, HEAD_TYPES, MULTICLASS
 from indexer.heads.storage import UnknownHead
@@ -242,6 +243,20 @@ def _at_least_two(found: ExampleSet, names: list[str], counts: dict[str, int]) -
         raise BadExamples(f"head {found.name!r}: every label needs at least 2 examples; too few: {', '.join(few)}")
 
 
+def example_vectors(library, backbone_id: int, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of these examples, in their order."""
+    rows: dict[int, np.ndarray] = {}
+    with library.sessions() as session:
+        for chunk_ids, chunk in store.iter_vectors(session, backbone_id, ids=ids.tolist()):
+            rows.update(zip(chunk_ids.tolist(), chunk))
+    missing = [int(i) for i in ids if int(i) not in rows]
+    if missing:  # embedded by another backbone than the one in use
+        raise BadExamples(f"examples without a stored embedding: {missing[:10]}")
+    if not len(ids):
+        return np.zeros((0, library.backbone().dim), dtype=np.float32)
+    return np.stack([rows[int(i)] for i in ids])
+
+
 def example_counts(session: Session) -> dict[str, tuple[str, list[str], int]]:
     """Per example set: its type, its labels, and how many examples it holds."""
     out = {}
@@ -252,15 +267,8 @@ def example_counts(session: Session) -> dict[str, tuple[str, list[str], int]]:
     return out
 
 
-def example_ids(session: Session, name: str) -> set[int]:
-    row = _set_row(session, name)
-    if row is None:
-        return set()
-    return set(session.scalars(select(ExampleRow.image_id).where(ExampleRow.set_id == row.id)))
-
-
-def add_from_labels(session: Session, name: str, kind: str, rows: list[tuple[int, list[str]]], **kw) -> ExampleSet:
-    """A label file's rows as examples, in requests of MAX_PER_REQUEST."""
+def put_examples_batched(session: Session, name: str, kind: str, rows: list[tuple[int, list[str]]], **kw) -> ExampleSet:
+    """`put_examples` for any number of rows (a label file's), MAX_PER_REQUEST at a time."""
     found = None
     for start in range(0, len(rows), MAX_PER_REQUEST):
         found = put_examples(session, name, kind, rows[start : start + MAX_PER_REQUEST], **kw)

@@ -33,7 +33,7 @@ from sqlalchemy import select
 from indexer import store
 from indexer.errors import BadQuery
 from indexer.filters import TagFilter
-from indexer.heads.examples import get_examples
+from indexer.heads.examples import example_vectors, get_examples
 from indexer.heads.model import BINARY, MULTICLASS, Head
 from indexer.heads.storage import load_heads
 from indexer.heads.tagging import backbone_id_of
@@ -44,11 +44,11 @@ from indexer.near_duplicates import MATCH, similarity
 NEAR_COPY = 0.97  # cosine from which two images count as the same picture for labelling
 UNCERTAIN_POOL = 20  # times n: the least certain candidates the uncertain picks are spread over
 WRONG_FRACTION = 0.25  # of a batch, at most: likely wrong
-DIVERSE_FRACTION = 1 / 4  # binary and multi-label: coverage picks in a batch (bench/teach.py: 1/6 did worse)
+# Binary and multi-label: coverage picks in a batch (bench/teach.py: 1/6, or 1/2 early, did worse).
+DIVERSE_FRACTION = 1 / 4
 VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
 WRONG_SAMPLE = 8192  # candidates checked against the labelled examples, at most
 MAX_SUGGESTIONS = 100
-EARLY_COVERAGE = DIVERSE_FRACTION  # binary and multi-label, below COVERAGE_UNTIL examples per label (1/2 did worse)
 COVERAGE_UNTIL = 4  # multi-class: examples per label below which every pick is a coverage pick
 COVERAGE_SAMPLE = 4096  # unlabelled images clustered for coverage picks, at most
 MAX_GROUPS = 256
@@ -166,13 +166,10 @@ def _with_head(picker: _Picker, head: Head, n: int, rng) -> None:
         _coverage(picker, n_coverage, rng)
         _uncertain(picker, head, margin, n - len(picker.chosen))
         return
-    decisions = head.decide(probs) if len(probs) <= WRONG_SAMPLE else None
     n_wrong = int(n * WRONG_FRACTION) if len(picker.labelled.ids) >= VOTERS else 0
-    per_label = len(picker.labelled.ids) / max(1, len(head.labels))
-    share = EARLY_COVERAGE if per_label < COVERAGE_UNTIL else DIVERSE_FRACTION
-    n_coverage = max(1, round(n * share)) if n >= 4 else 0
+    n_coverage = max(1, round(n * DIVERSE_FRACTION)) if n >= 4 else 0
     if n_wrong:
-        _likely_wrong(picker, head, probs, decisions, n_wrong, rng)
+        _likely_wrong(picker, head, probs, n_wrong, rng)
     _uncertain(picker, head, margin, n - n_coverage - len(picker.chosen))
     _coverage(picker, n - len(picker.chosen), rng)
 
@@ -239,16 +236,13 @@ def _coverage(picker: _Picker, count: int, rng) -> None:
                 break
 
 
-def _likely_wrong(picker: _Picker, head: Head, probs, decisions, limit: int, rng) -> None:
+def _likely_wrong(picker: _Picker, head: Head, probs, limit: int, rng) -> None:
     labelled = picker.labelled
-    rows = np.arange(len(picker.ids))
-    if len(rows) > WRONG_SAMPLE:
-        rows = np.sort(rng.choice(rows, WRONG_SAMPLE, replace=False))
+    rows = _free_sample(picker, WRONG_SAMPLE, rng)
     sims = picker.vectors[rows] @ labelled.vectors.T
     nearest = np.argsort(-sims, axis=1)[:, :VOTERS]
     found = []
-    for at, row in enumerate(rows):
-        tags = decisions[row] if decisions is not None else head.decide(probs[row : row + 1])[0]
+    for at, (row, tags) in enumerate(zip(rows, head.decide(probs[rows]))):
         predicted = sorted(label for label, _ in tags)
         voters = [sorted(_known(head, labelled.labels[j])) for j in nearest[at]]
         if all(v != predicted for v in voters) and all(v == voters[0] for v in voters):
@@ -387,7 +381,7 @@ def suggestions_for(
                 raise BadQuery(f"{name!r} is a built-in head; suggestions are for heads taught by examples")
             head = stored.head
     ids = np.fromiter(found.examples, dtype=np.int64, count=len(found.examples))
-    labelled = Labelled(ids, _stored_vectors(library, backbone_id, ids), list(found.examples.values()))
+    labelled = Labelled(ids, example_vectors(library, backbone_id, ids), list(found.examples.values()))
     index = library.index()
     allowed = None
     if tag_filter is not None and not tag_filter.is_empty():
@@ -403,15 +397,6 @@ def suggestions_for(
         return first is not None and second is not None and similarity(first, [second])[0] >= MATCH
 
     return suggest(head, labelled, candidate_ids, candidate_vectors, n, seed=seed, same_picture=same_picture)
-
-
-def _stored_vectors(library: Library, backbone_id: int, ids: np.ndarray) -> np.ndarray:
-    rows: dict[int, np.ndarray] = {}
-    with library.sessions() as session:
-        for chunk_ids, chunk in store.iter_vectors(session, backbone_id, ids=ids.tolist()):
-            rows.update(zip(chunk_ids.tolist(), chunk))
-    dim = library.backbone().dim
-    return np.stack([rows[int(i)] for i in ids]) if len(ids) else np.zeros((0, dim), dtype=np.float32)
 
 
 def _unlabelled(ids: np.ndarray, labelled: Labelled, allowed: np.ndarray | None) -> np.ndarray:

@@ -128,7 +128,7 @@ def _exact_vectors(library: Library, backbone_id: int):
     both slower: the read holds the GIL for every row)."""
     with library.sessions() as session:
         fingerprint = store.embedded_fingerprint(session, backbone_id)
-    index = _exact_index(library, backbone_id, fingerprint)
+    index = _exact_index(library, fingerprint)
     if index is not None:
         return index.iter_sorted(), fingerprint[0]
 
@@ -139,13 +139,10 @@ def _exact_vectors(library: Library, backbone_id: int):
     return from_database(), fingerprint[0]
 
 
-def _exact_index(library: Library, backbone_id: int, fingerprint: tuple[int, int, int] | None = None):
+def _exact_index(library: Library, fingerprint: tuple[int, int, int]):
     index = library.loaded_index()
     if index is None or index.ann is not None:
         return None
-    if fingerprint is None:
-        with library.sessions() as session:
-            fingerprint = store.embedded_fingerprint(session, backbone_id)
     return index if store.ids_fingerprint(index.ids()) == fingerprint else None
 
 

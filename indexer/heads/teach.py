@@ -17,18 +17,16 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from indexer import store
 from indexer.errors import BadExamples, Conflict, LookalikeError
-from indexer.heads.examples import ExampleSet, get_examples, training_set
+from indexer.heads.examples import ExampleSet, example_vectors, get_examples, training_set
 from indexer.heads.plots import save_plot_inputs
-from indexer.heads.tagging import backbone_id_of, make_current, save_and_tag
+from indexer.heads.tagging import Progress, backbone_id_of, make_current, save_and_tag
 from indexer.heads.training import TrainOptions, train_head
-from indexer.heads.workflow import _write_json, training_report
+from indexer.heads.workflow import training_report, write_json
 from indexer.library import Library
 
 MISTAKES_SHOWN = 100
 log = logging.getLogger("lookalike")
-Progress = Callable[[int, int], None]
 
 
 def train_from_examples(
@@ -41,7 +39,7 @@ def train_from_examples(
     if not found.examples:
         raise BadExamples(f"head {name!r} has no stored examples to train on")
     labelled = training_set(found)
-    vectors = _vectors(library, labelled.ids)
+    vectors = example_vectors(library, backbone_id_of(library), labelled.ids)
     result = train_head(name, found.kind, labelled.names, vectors, labelled.targets, options or TrainOptions())
     trained = time.perf_counter()
     report = training_report(name, found.kind, labelled.names, labelled.dropped, len(labelled.ids), result)
@@ -49,7 +47,7 @@ def train_from_examples(
     report["mistakes"] = _mistakes(found, labelled.ids, result)
     report_dir = library.home / "heads" / name
     report["plots"] = save_plot_inputs(report_dir, name, result.history, result.metrics, labelled.names)
-    _write_json(report_dir / "report.json", report)
+    write_json(report_dir / "report.json", report)
     plotted = time.perf_counter()
     tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir), progress=progress)
     done = time.perf_counter()
@@ -61,18 +59,6 @@ def train_from_examples(
         "total": round(done - started, 3),
     }
     return report
-
-
-def _vectors(library: Library, ids: np.ndarray) -> np.ndarray:
-    backbone_id = backbone_id_of(library)
-    rows: dict[int, np.ndarray] = {}
-    with library.sessions() as session:
-        for chunk_ids, chunk in store.iter_vectors(session, backbone_id, ids=ids.tolist()):
-            rows.update(zip(chunk_ids.tolist(), chunk))
-    missing = [int(i) for i in ids if int(i) not in rows]
-    if missing:  # removed from the index since they were labelled (their example rows go with them)
-        raise BadExamples(f"examples without a stored embedding: {missing[:10]}")
-    return np.stack([rows[int(i)] for i in ids])
 
 
 def _mistakes(found: ExampleSet, ids: np.ndarray, result) -> list[dict]:

@@ -18,7 +18,7 @@ from indexer.heads.labels import LabelError, LabelSet
 from indexer.heads.metrics import evaluate
 from indexer.heads.plots import save_plots
 from indexer.heads.storage import head_row, load_heads, write_tags
-from indexer.heads.tagging import save_and_tag
+from indexer.heads.tagging import backbone_id_of, save_and_tag
 from indexer.heads.training import TrainOptions, TrainResult, train_head
 from indexer.library import Library
 
@@ -35,7 +35,7 @@ class Embedded:
 
 def embeddings_for(library: Library, labels: LabelSet) -> Embedded:
     """Stored vectors for indexed paths; others are decoded and embedded now (errors name the line)."""
-    backbone_id = _backbone_id(library)
+    backbone_id = backbone_id_of(library)
     with library.sessions() as session:
         path_to_id = store.ids_by_path(session, labels.paths)
         stored = {}
@@ -82,12 +82,6 @@ def _embed_files(library: Library, paths: list[str], labels: LabelSet, rows: lis
     return np.concatenate(out_vectors), np.concatenate(out_norms)
 
 
-def _backbone_id(library: Library) -> int:
-    backbone = library.backbone()
-    with library.sessions.begin() as session:
-        return store.ensure_backbone(session, backbone.name, backbone.dim).id
-
-
 def train(
     library: Library, name: str, labels: LabelSet, options: TrainOptions, *, log: Log = lambda _: None
 ) -> tuple[TrainResult, Path]:
@@ -103,7 +97,7 @@ def train(
     report_dir = library.home / "heads" / name
     report = training_report(name, labels.kind, labels.names, labels.dropped, len(labels.paths), result)
     report["plots"] = [p.name for p in save_plots(report_dir, name, result.history, result.metrics, labels.names)]
-    _write_json(report_dir / "report.json", report)
+    write_json(report_dir / "report.json", report)
     tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir))
     log(f"tagged {tagged} images with head {name!r}")
     return result, report_dir
@@ -141,7 +135,7 @@ def training_report(
 def evaluate_head(library: Library, name: str, labels: LabelSet) -> dict:
     """Metrics of a stored head on a label file, with its stored thresholds."""
     with library.sessions() as session:
-        (stored,) = load_heads(session, _backbone_id(library), [name])
+        (stored,) = load_heads(session, backbone_id_of(library), [name])
     head = stored.head
     unknown = sorted({label for row in labels.labels for label in row} - set(head.labels))
     if unknown:
@@ -156,7 +150,7 @@ def evaluate_head(library: Library, name: str, labels: LabelSet) -> dict:
 
 def tag_all(library: Library, names: list[str] | None = None, *, progress=None) -> int:
     """(Re)write the tags of every indexed image for the named heads (default: all heads)."""
-    backbone_id = _backbone_id(library)
+    backbone_id = backbone_id_of(library)
     with library.write_lock():
         with library.sessions() as session:
             heads = load_heads(session, backbone_id, names)
@@ -190,7 +184,7 @@ def head_report(library: Library, name: str) -> dict:
         }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_json_default))
 

@@ -72,11 +72,10 @@ def train(request: Request, name: str) -> JSONResponse:
 
 
 @router.get("/{name}/training", response_model=TrainingOut, responses=error_responses(404))
-def training(request: Request, name: str) -> dict:
+def training(request: Request, library: LibraryDep, name: str) -> dict:
     """The latest training or version change of this head started by this server, with its progress."""
     job = _trainings(request).latest(name)
     if job is None:
-        library = request.app.state.library
         with library.sessions() as session:
             get_examples(session, name)  # an unknown head is a 404
         return Training(name, None, state="idle").to_json()  # nothing started by this server
