@@ -859,6 +859,15 @@ def db_upgrade(home: HomeOption = None) -> None:
     err.print(f"database at revision {current_revision(library.engine)}")
 
 
+def _add_duplicates() -> None:
+    from cli_duplicates import app as duplicates_app
+
+    app.add_typer(duplicates_app, name="duplicates")
+
+
+_add_duplicates()
+
+
 def main() -> None:
     try:
         app()

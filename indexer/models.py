@@ -197,3 +197,48 @@ class TagRow(Base):
     head_id: Mapped[int] = mapped_column(ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True)
     label: Mapped[str] = mapped_column(String(200), primary_key=True)
     score: Mapped[float] = mapped_column(Float)
+
+
+class DuplicateLinkRow(Base):
+    """Two images the duplicate scan found to be copies of one another, at one tier (a < b)."""
+
+    __tablename__ = "duplicate_links"
+    __table_args__ = (Index("ix_duplicate_links_b", "b_id"),)
+
+    a_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    b_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(16))  # identical | copy | near
+    score: Mapped[float] = mapped_column(Float)  # the tier's evidence: 1, signature correlation, cosine
+    cosine: Mapped[float | None] = mapped_column(Float)
+
+
+class DuplicateCheckRow(Base):
+    """An image the duplicate scan has compared with the collection, and the content it compared:
+    a file whose content changed since is checked again."""
+
+    __tablename__ = "duplicate_checks"
+
+    image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DistinctPairRow(Base):
+    """A person said these two images are not duplicates (a < b); the scan's link is ignored."""
+
+    __tablename__ = "duplicate_distinct"
+
+    a_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    b_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class KeepChoiceRow(Base):
+    """A person chose this image as the one to keep of its group, which then had `members`.
+    The group counts as resolved until a member outside that list joins it."""
+
+    __tablename__ = "duplicate_keeps"
+
+    image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    members: Mapped[list] = mapped_column(JSON)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -30,7 +30,7 @@ def pixel_signature(img: Image.Image) -> bytes:
     return img.convert("L").resize((SIDE, SIDE), Image.Resampling.BOX).tobytes()
 
 
-def _centred(signatures: np.ndarray) -> np.ndarray:
+def centred(signatures: np.ndarray) -> np.ndarray:
     x = signatures.astype(np.float32)
     x -= x.mean(axis=-1, keepdims=True)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -44,8 +44,8 @@ def similarity(query: bytes | None, candidates: Sequence[bytes | None]) -> np.nd
     present = [i for i, s in enumerate(candidates) if s is not None and len(s) == SIDE * SIDE]
     if query is None or len(query) != SIDE * SIDE or not present:
         return out
-    q = _centred(np.frombuffer(query, dtype=np.uint8)[None])[0]
-    c = _centred(np.stack([np.frombuffer(candidates[i], dtype=np.uint8) for i in present]))
+    q = centred(np.frombuffer(query, dtype=np.uint8)[None])[0]
+    c = centred(np.stack([np.frombuffer(candidates[i], dtype=np.uint8) for i in present]))
     out[present] = c @ q
     return out
 

@@ -38,6 +38,7 @@ from indexer.decode_worker import (
     os_reason,
     write_known_hashes,
 )
+from indexer.duplicates import scan as duplicate_scan
 from indexer.errors import LookalikeError
 from indexer.faults import checkpoint
 from indexer.heads.builtin import ensure_builtin_heads
@@ -61,6 +62,7 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     previously_failed: int = 0
     seconds: float = 0.0
+    duplicates: duplicate_scan.ScanReport | None = None
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -220,6 +222,8 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
         if writer.dirty or plan.removed_ids or index.generation == 0:
             library.save_index(index, backbone.name)
         library.tags_changed()
+        if writer.dirty:  # the new images' duplicates are known when the run ends
+            report.duplicates = duplicate_scan.update(library)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -19,7 +19,7 @@ from indexer.settings import Settings, get_settings
 from service.auth import install_auth
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import heads, images, search, system, teaching, web
+from service.routes import duplicates, heads, images, search, system, teaching, web
 
 log = logging.getLogger("lookalike")
 
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, *, notify: Callable[[str], None
     app.include_router(images.router)
     app.include_router(heads.router)
     app.include_router(teaching.router)
+    app.include_router(duplicates.router)
     app.include_router(system.router)
     app.include_router(web.router)
     return app

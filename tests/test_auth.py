@@ -226,6 +226,10 @@ WRITES = [
     ("POST", "/heads/nope/train"),
     ("POST", "/heads/nope/versions/1/activate"),
     ("DELETE", "/heads/nope"),
+    # Decisions about duplicates are kept in the database.
+    ("POST", "/duplicates/distinct"),
+    ("POST", "/duplicates/keep"),
+    ("DELETE", "/duplicates/keep/1"),
 ]
 
 

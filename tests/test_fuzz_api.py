@@ -221,13 +221,17 @@ def test_every_operation_conforms_to_its_schema_under_fuzzing(home, record_prope
     assert all(tally.by_operation[op.label] >= 1 for op in operations)
     succeeded = {label for (label, _, status) in tally.statuses if 200 <= status < 300}
     # The built-in head has no plots; writes that need a real image or a head's examples to succeed
-    # are not pinned (see _strategies) and succeed in test_teaching.py and test_uploads.py.
+    # are not pinned (see _strategies) and succeed in test_teaching.py and test_uploads.py; decisions
+    # about duplicates need a collection with duplicates, and succeed in test_duplicates.py.
     needs_meaning = {
         "POST /images",
         "DELETE /images/{image_id}",
         "POST /heads/{name}/train",
         "POST /heads/{name}/versions/{number}/activate",
         "DELETE /heads/{name}/examples/{image_id}",
+        "POST /duplicates/distinct",
+        "POST /duplicates/keep",
+        "DELETE /duplicates/keep/{image_id}",
     }
     must_succeed = labels - {"GET /heads/{name}/plots/{file}"} - needs_meaning
     assert must_succeed <= succeeded, must_succeed - succeeded

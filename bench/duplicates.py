@@ -1,0 +1,297 @@
+"""Duplicates across a collection: planted copies found per tier, distinct photos left alone, time.
+
+    python bench/duplicates.py                      # quality on the shared photos + timing (~10 min)
+    python bench/duplicates.py --part quality
+    python bench/duplicates.py --part timing --sizes 100000 1000000
+
+Quality. Every photo of ../shared/datasets (byte-identical files across sets dropped first) goes
+into a fresh folder; for PLANTED photos per kind one edited copy is planted beside it:
+- identical: the same bytes under another name;                 (tier identical)
+- half: half the width and height, JPEG q95;                     (tier copy)
+- jpeg30: re-encoded at JPEG quality 30;                          (tier copy)
+- png: converted to PNG;                                          (tier copy)
+- exif: pixels turned a quarter, EXIF orientation 6 turning them back (displays the same); (copy)
+- crop5: 5% of the width and height cut off (centred), JPEG q95;  (tier near)
+- shift: a burst-like frame, the view moved by 3% across and 2% down (the edge cut, the rest
+  rescaled), 3% brighter, JPEG q90.                                (tier near)
+The folder is indexed (`index_folders`, what `lookalike index` runs, which also runs the duplicate
+scan) and the groups listed (`list_groups`, what `lookalike duplicates` prints). A planted pair
+counts as found at a tier when both images share a group of that tier's listing; every pair of
+two different original photos in one group is a false pair, every group holding two or more
+originals a false group. Per tier: recall of the pairs planted for it (and those of stronger
+tiers, which its listing includes), precision (found planted pairs over all pairs grouped), and
+the share of original photos wrongly grouped with another original.
+Targets: identical and copy recall >= 0.99 at precision >= 0.999; near recall >= 0.9 for crop5
+and shift with <= 1% of the originals wrongly grouped.
+Baselines in the same run, on the same images: one embedding threshold (cosine of the stored
+vectors; the threshold giving near recall >= 0.9 on crop5+shift, and the tier's own NEAR_COSINE),
+and imagehash's pHash (64 bits) at Hamming distance <= PHASH_DISTANCE.
+
+Timing (targets: 100k images in <= 2 min, 1M in <= 30 min; one new image checked in <= 10 ms):
+homes of N imported vectors (bench/ann_options.py's variants of the photos' real embeddings: each
+a real vector moved by noise, so the collection holds many close pairs, as a real one does), with
+16 x 16 signatures written for them (each a photo's signature plus noise; imported rows have
+none), then `scan.update` over the whole collection and `list_groups`, then one more vector added
+and checked (`scan.update` with one pending image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+from benchlib import MODEL_CACHE, dataset_photos, load_line, machine_load, remove, scratch_dir, write_json
+from PIL import Image, ImageOps
+
+KINDS = ("identical", "half", "jpeg30", "png", "exif", "crop5", "shift")
+TIER_OF_KIND = {
+    "identical": "identical",
+    "half": "copy",
+    "jpeg30": "copy",
+    "png": "copy",
+    "exif": "copy",
+    "crop5": "near",
+    "shift": "near",
+}
+PLANTED = 150  # photos per kind that get a copy
+# Photos that are one photo twice in the source sets themselves (different bytes, reviewed by eye
+# among the closest pairs; bench/out/duplicates_source_copies.png shows them): any method should
+# group them, so they count neither as found nor as false.
+SOURCE_COPIES = [
+    ("caltech101-10class/images/llama/image_0001.jpg", "caltech101-10class/images/llama/image_0010.jpg"),
+    ("caltech101-10class/images/grand_piano/image_0009.jpg", "caltech101-10class/images/grand_piano/image_0072.jpg"),
+    ("caltech101-10class/images/grand_piano/image_0006.jpg", "caltech101-10class/images/grand_piano/image_0014.jpg"),
+    ("caltech101-10class/images/grand_piano/image_0041.jpg", "caltech101-10class/images/grand_piano/image_0051.jpg"),
+    ("caltech101-10class/images/ketch/image_0035.jpg", "caltech101-10class/images/ketch/image_0041.jpg"),
+    ("caltech101-10class/images/kangaroo/image_0015.jpg", "caltech101-10class/images/kangaroo/image_0025.jpg"),
+    (
+        "caltech101-airplane-motorbike/images/motorbike/image_0728.jpg",
+        "caltech101-airplane-motorbike/images/motorbike/image_0729.jpg",
+    ),
+]
+PHASH_DISTANCE = 10  # of 64 bits: the threshold imagehash users and photo tools commonly apply
+
+
+def _jpeg(img: Image.Image, quality: int, exif: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    kwargs = {"exif": exif} if exif else {}
+    img.convert("RGB").save(buf, "JPEG", quality=quality, **kwargs)
+    return buf.getvalue()
+
+
+def plant(data: bytes, kind: str) -> tuple[bytes, str]:
+    """The edited copy's bytes and file suffix."""
+    if kind == "identical":
+        return data, ".jpg"
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    w, h = img.size
+    if kind == "half":
+        return _jpeg(img.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BICUBIC), 95), ".jpg"
+    if kind == "jpeg30":
+        return _jpeg(img, 30), ".jpg"
+    if kind == "png":
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue(), ".png"
+    if kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 clockwise to display: undoes the quarter turn below
+        return _jpeg(img.transpose(Image.Transpose.ROTATE_90), 95, exif.tobytes()), ".jpg"
+    if kind == "crop5":
+        dx, dy = round(w * 0.025), round(h * 0.025)
+        return _jpeg(img.crop((dx, dy, w - dx, h - dy)), 95), ".jpg"
+    if kind == "shift":
+        dx, dy = round(w * 0.03), round(h * 0.02)
+        moved = img.crop((dx, dy, w, h)).resize((w, h), Image.Resampling.BICUBIC)
+        return _jpeg(Image.eval(moved, lambda v: min(255, round(v * 1.03))), 90), ".jpg"
+    raise ValueError(kind)
+
+
+def build_folder(folder: Path, seed: int = 0) -> tuple[list[Path], dict[Path, tuple[Path, str]], dict[Path, Path]]:
+    """(original files, planted file -> (its original, kind), original file -> its source photo)."""
+    photos, seen = [], set()
+    for p in dataset_photos():
+        digest = hashlib.sha256(p.read_bytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            photos.append(p)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(photos), PLANTED * len(KINDS), replace=False)
+    originals, planted = [], {}
+    for i, src in enumerate(photos):
+        dst = folder / f"o{i:05d}{src.suffix.lower()}"
+        dst.write_bytes(src.read_bytes())
+        originals.append(dst)
+    for j, i in enumerate(chosen):
+        kind = KINDS[j % len(KINDS)]
+        data, suffix = plant(originals[i].read_bytes(), kind)
+        dst = folder / f"p{i:05d}_{kind}{suffix}"
+        dst.write_bytes(data)
+        planted[dst] = (originals[i], kind)
+    return originals, planted, dict(zip(originals, photos))
+
+
+def same_photo_of(sources: dict[Path, Path]):
+    """original file -> one representative of the source copies it belongs to."""
+    from benchlib import DATASETS
+
+    by_source = {src.relative_to(DATASETS).as_posix(): f for f, src in sources.items()}
+    canonical = {}
+    for a, b in SOURCE_COPIES:
+        if a in by_source and b in by_source:
+            canonical[by_source[b]] = by_source[a]
+    return lambda f: canonical.get(f, f)
+
+
+def grouped_pairs(groups, id_to_path) -> set[frozenset]:
+    pairs = set()
+    for g in groups:
+        paths = [id_to_path[m.id] for m in g.members]
+        pairs.update(frozenset(p) for p in itertools.combinations(paths, 2))
+    return pairs
+
+
+def evaluate(pairs: set[frozenset], originals: list[Path], planted: dict, tier_rank: int, same_photo) -> dict:
+    """Recall per kind, precision and false groupings of one tier's (or a baseline's) pairs.
+    Pairs of two images of one source photo that were not planted as such (two planted copies of
+    one photo cannot occur; a source copy and the other's planted copy can) count neither way."""
+    from indexer.duplicates.evidence import RANK
+
+    truth = {frozenset((orig, copy)): kind for copy, (orig, kind) in planted.items()}
+    wanted = {p for p, kind in truth.items() if RANK[TIER_OF_KIND[kind]] <= tier_rank}
+    source = lambda f: same_photo(planted[f][0] if f in planted else f)  # noqa: E731
+    neutral = {p for p in pairs if p not in truth and len({source(f) for f in p}) == 1}
+    false = [p for p in pairs if p not in truth and p not in neutral]
+    wrongly = {source(f) for p in false for f in p}
+    recall = {
+        kind: sum(1 for p, k in truth.items() if k == kind and p in pairs) / sum(1 for k in truth.values() if k == kind)
+        for kind in KINDS
+    }
+    counted = len(pairs) - len(neutral)
+    return {
+        "recall_by_kind": recall,
+        "recall": len(pairs & wanted) / max(1, len(wanted)),
+        "precision": len(pairs & set(truth)) / max(1, counted),
+        "false_pairs": len(false),
+        "originals_wrongly_grouped": len(wrongly),
+        "originals_wrongly_grouped_share": len(wrongly) / len(originals),
+        "source_copy_pairs": len(neutral),
+    }
+
+
+def phash_pairs(files: list[Path]) -> set[frozenset]:
+    import imagehash
+
+    hashes = np.array([imagehash.phash(Image.open(f)).hash.ravel() for f in files])
+    packed = np.packbits(hashes, axis=1).view(">u8").ravel()
+    pairs = set()
+    for i in range(len(files)):
+        dist = np.array([bin(int(x)).count("1") for x in (packed[i + 1 :] ^ packed[i])])
+        for j in np.flatnonzero(dist <= PHASH_DISTANCE):
+            pairs.add(frozenset((files[i], files[i + 1 + j])))
+    return pairs
+
+
+def threshold_pairs(vectors: np.ndarray, files: list[Path], threshold: float) -> set[frozenset]:
+    """Connected components of the pairs above one cosine, as pairs (what a tier listing shows)."""
+    from indexer.duplicates.groups import Link, components
+
+    sims = vectors @ vectors.T
+    a, b = np.nonzero(np.triu(sims >= threshold, 1))
+    links = [Link(int(i), int(j), "near", float(sims[i, j])) for i, j in zip(a, b)]
+    pairs = set()
+    for ids, _ in components(links):
+        pairs.update(frozenset((files[i], files[j])) for i, j in itertools.combinations(ids.tolist(), 2))
+    return pairs
+
+
+def quality() -> dict:
+    from sqlalchemy import select
+
+    from indexer.duplicates.evidence import RANK, TIERS
+    from indexer.duplicates.groups import list_groups
+    from indexer.library import Library
+    from indexer.models import ImageRow
+    from indexer.pipeline import index_folders
+    from indexer.settings import Settings
+
+    folder, home = scratch_dir("dup-photos-"), scratch_dir("dup-home-")
+    try:
+        originals, planted, sources = build_folder(folder)
+        same = same_photo_of(sources)
+        files = originals + list(planted)
+        print(f"  {len(originals)} photos, {len(planted)} planted copies ({PLANTED} of each of {len(KINDS)} kinds)")
+        library = Library(Settings(home=home, model_cache=MODEL_CACHE))
+        started = time.perf_counter()
+        report = index_folders(library, [str(folder)])
+        print(f"  indexed in {time.perf_counter() - started:.0f} s (the duplicate scan included)", flush=True)
+        if report.failed:
+            raise SystemExit(f"{len(report.failed)} files failed: {report.failed[:3]}")
+        with library.sessions() as session:
+            id_to_path = {i: Path(p) for i, p in session.execute(select(ImageRow.id, ImageRow.path))}
+            result = {}
+            for tier in TIERS:
+                started = time.perf_counter()
+                groups = list_groups(session, tier, include_resolved=True)
+                seconds = time.perf_counter() - started
+                result[tier] = evaluate(grouped_pairs(groups, id_to_path), originals, planted, RANK[tier], same) | {
+                    "groups": len(groups),
+                    "list_seconds": seconds,
+                }
+        index = library.index(repair_on_disk=False)
+        path_to_id = {p: i for i, p in id_to_path.items()}
+        vectors = np.stack([index.reconstruct(path_to_id[f]) for f in files])
+        library.close()
+        baselines = {}
+        from indexer.duplicates.evidence import NEAR_COSINE
+
+        near_truth = [frozenset((o, c)) for c, (o, k) in planted.items() if k in ("crop5", "shift")]
+        near_cos = sorted(float(vectors[files.index(o)] @ vectors[files.index(c)]) for o, c in map(tuple, near_truth))
+        at_recall = near_cos[int(0.1 * len(near_cos))]  # the cosine that 90% of crop5/shift pairs reach
+        for name, threshold in (
+            ("embedding >= tuned for near recall 0.9", at_recall),
+            ("embedding >= NEAR_COSINE", NEAR_COSINE),
+        ):
+            baselines[name] = evaluate(
+                threshold_pairs(vectors, files, threshold), originals, planted, RANK["near"], same
+            ) | {"threshold": threshold}
+        baselines[f"pHash hamming <= {PHASH_DISTANCE}"] = evaluate(
+            phash_pairs(files), originals, planted, RANK["near"], same
+        )
+        return {"photos": len(originals), "planted": len(planted), "tiers": result, "baselines": baselines}
+    finally:
+        remove(folder)
+        remove(home)
+
+
+def _print_quality(q: dict) -> None:
+    print(f"\nquality: {q['photos']} photos, {q['planted']} planted copies")
+    head = "  " + f"{'':42}" + " ".join(f"{k:>9}" for k in KINDS) + f" {'precision':>9} {'false grp':>10}"
+    print(head)
+    rows = [(f"tier {t}", r) for t, r in q["tiers"].items()] + [(f"baseline {n}", r) for n, r in q["baselines"].items()]
+    for name, r in rows:
+        recalls = " ".join(f"{r['recall_by_kind'][k]:9.3f}" for k in KINDS)
+        share = r["originals_wrongly_grouped_share"]
+        print(f"  {name[:42]:42}{recalls} {r['precision']:9.4f} {share:9.2%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=("all", "quality", "timing"), default="all")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    args = parser.parse_args()
+    print(load_line(machine_load()))
+    out = {}
+    if args.part in ("all", "quality"):
+        out["quality"] = quality()
+        _print_quality(out["quality"])
+    write_json("duplicates", out)
+
+
+if __name__ == "__main__":
+    main()
