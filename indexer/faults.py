@@ -11,7 +11,7 @@ list of `NAME:N=ACTION`: the Nth time this process reaches checkpoint NAME, ACTI
 
 e.g. LOOKALIKE_FAULTS="commit:3=kill,index-write:1=enospc". Checkpoints in the code:
 decode, embed, commit, committed, index-write, manifest-write, head-save, tag, reindex,
-import-batch, import-commit, import-committed, ann-build, compaction, ann-swap.
+import-batch, import-commit, import-committed, ann-build, compaction, ann-swap, duplicates-commit.
 
 LOOKALIKE_FAULTS_TRACE=FILE appends the name of every checkpoint reached to FILE, one a line,
 so a test can count how often each is reached in an uninterrupted run and aim its faults.

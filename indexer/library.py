@@ -59,6 +59,9 @@ class Library:
         self._tags_lock = threading.Lock()
         self._tags_mark = _mtime_ns(self.index_dir / TAGS_STAMP)
         self._lock_held = False
+        # Every image's pixel signature, for the duplicate check of a few new images (loaded by
+        # the first one; indexer/duplicates/signature_codes.py).
+        self.duplicate_signatures = None
 
     @property
     def index_dir(self) -> Path:

@@ -200,6 +200,9 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
             ensure_builtin_heads(session, backbone, backbone_id)
         index = library.index()
         plan = make_plan()
+        # Whether a run killed before its duplicate check left images unchecked (then every
+        # image is asked about; else only this run's new ones).
+        unchecked_before = bool(plan.tasks) and duplicate_scan.expect_new_images(library)
         report = IndexReport(unchanged=plan.unchanged, previously_failed=plan.previously_failed)
         writer = _BatchWriter(library, index, backbone, backbone_id, report)
         for failure, replaces in plan.scan_failures:
@@ -222,8 +225,9 @@ def _index(library: Library, roots: list[str], make_plan, progress, decoders: De
         if writer.dirty or plan.removed_ids or index.generation == 0:
             library.save_index(index, backbone.name)
         library.tags_changed()
-        if writer.dirty:  # the new images' duplicates are known when the run ends
-            report.duplicates = duplicate_scan.update(library)
+        if plan.tasks:  # the new images' duplicates are known when the run ends
+            written = None if unchecked_before else writer.written
+            report.duplicates = duplicate_scan.update(library, images=written)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -349,6 +353,7 @@ class _BatchWriter:
         self.signatures: dict[int, bytes] = {}  # for rows indexed before there were signatures
         self.hash_to_id: dict[str, int] = {}  # content embedded earlier in this run
         self.dirty = False
+        self.written: list[int] = []  # ids of the rows this run wrote: the duplicate check's
         self.last_save = time.monotonic()
 
     def add_failure(self, task: Task, reason: str) -> None:
@@ -410,6 +415,7 @@ class _BatchWriter:
         replaced = [task.replaces for task, _ in items if task.replaces is not None]
         with self.library.sessions.begin() as session:
             ids = store.write_images(session, rows, self.backbone_id, replaced)
+            self.written.extend(ids)
             store.touch_images(session, self.touched)
             store.set_signatures(session, self.signatures)
             tagged = [(image_id, row) for image_id, row in zip(ids, rows) if row.vector is not None]

@@ -42,15 +42,6 @@ NEAR_SIGNATURE = 0.85
 CANDIDATE_COSINE = min(COPY_COSINE, NEAR_COSINE)  # embedding neighbours below this are never looked at
 
 
-def signature_rows(blobs: Sequence[bytes | None]) -> np.ndarray:
-    """Centred unit fine signatures, zeros for a missing or flat one: inner product = correlation."""
-    raw = np.zeros((len(blobs), SIDE * SIDE), np.uint8)
-    for row, blob in enumerate(blobs):
-        if blob is not None and len(blob) == SIDE * SIDE:
-            raw[row] = np.frombuffer(blob, np.uint8)
-    return centred(raw)
-
-
 class Signatures:
     """Fine (16 x 16) and coarse (8 x 8) layouts of some images, centred and unit length, by id."""
 

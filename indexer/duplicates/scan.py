@@ -7,25 +7,35 @@ and a file whose content changed is checked again; links and checks commit toget
 
 Identical files (one content hash) are grouped by SQL when groups are listed, so they are not
 stored here; copy and near links are.
+
+Finding what is unchecked asks the database about every image (~1 s at 1M), so an index run
+names the images it wrote instead; the mark it leaves in the index folder until its check has
+committed tells the next run that one was killed in between, which then asks about every image.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 from sqlalchemy import delete, insert, select
 
 from indexer import store
 from indexer.duplicates import evidence
 from indexer.duplicates.neighbours import NEIGHBOURS, Pairs, batches, close_pairs, scan_index
+from indexer.duplicates.signature_codes import SignatureCodes
 from indexer.faults import checkpoint
 from indexer.models import DuplicateCheckRow, DuplicateLinkRow, ImageRow
+from indexer.near_duplicates import SIDE, centred
+from indexer.vector_store import fsync_path
 
 SERVED_QUERIES_MAX = 2000  # fewer pending images than this are looked up in the served index
 SEARCHABLE = (store.STATUS_INDEXED, store.STATUS_IMPORTED)
+UNCHECKED_MARK = "duplicates-unchecked"  # in the index folder, from a run's first write to its check
 
 Progress = Callable[[str, int, int], None]
 
@@ -39,9 +49,10 @@ class ScanReport:
     whole_collection: bool = False
 
 
-def pending_images(session) -> tuple[np.ndarray, dict[int, str | None]]:
-    """(ids, content hash by id) of searchable images never checked or changed since."""
-    rows = session.execute(
+def pending_images(session, among: Sequence[int] | None = None) -> tuple[np.ndarray, dict[int, str | None]]:
+    """(ids, content hash by id) of searchable images never checked or changed since; only those
+    of `among` when given (an index run's new images: no question about every other one)."""
+    query = (
         select(ImageRow.id, ImageRow.content_hash)
         .outerjoin(DuplicateCheckRow, DuplicateCheckRow.image_id == ImageRow.id)
         .where(ImageRow.status.in_(SEARCHABLE))
@@ -49,32 +60,53 @@ def pending_images(session) -> tuple[np.ndarray, dict[int, str | None]]:
             DuplicateCheckRow.image_id.is_(None)
             | DuplicateCheckRow.content_hash.is_distinct_from(ImageRow.content_hash)
         )
-    ).all()
+    )
+    if among is None:
+        rows = session.execute(query).all()
+    else:
+        chunks = store.chunks(sorted(set(among)))
+        rows = [row for chunk in chunks for row in session.execute(query.where(ImageRow.id.in_(chunk)))]
     hashes = {int(i): h for i, h in rows}
     return np.array(sorted(hashes), dtype=np.int64), hashes
 
 
-def update(library, *, progress: Progress = lambda stage, done, total: None) -> ScanReport:
-    """Check every pending image against the collection; the caller holds the write lock."""
+def expect_new_images(library) -> bool:
+    """Before a run writes images: leave the mark (synced, so it outlives a kill between the
+    images' commit and their check) and say whether a run before this one left it."""
+    mark = library.index_dir / UNCHECKED_MARK
+    if mark.exists():
+        return True
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o644))
+    fsync_path(mark.parent)
+    return False
+
+
+def update(
+    library, *, images: Sequence[int] | None = None, progress: Progress = lambda stage, done, total: None
+) -> ScanReport:
+    """Check the pending images against the collection; the caller holds the write lock.
+    `images`: an index run's new images, the only ones pending (its `expect_new_images` found
+    no mark of an earlier run)."""
     started = time.perf_counter()
     report = ScanReport()
     with library.sessions() as session:
-        pending, hashes = pending_images(session)
-    if not len(pending):
-        return report
+        pending, hashes = pending_images(session, images)
     index = library.index()
     held = index.ids()
     pending = pending[np.isin(pending, held, assume_unique=True)]  # a row without a vector: nothing to compare
-    report.whole_collection = len(pending) == len(held)
-    pairs = _candidates(library, index, held, pending, report.whole_collection, progress)
-    report.candidates = len(pairs)
-    links = _classified(library, pairs)
-    with library.sessions.begin() as session:
-        _replace(session, pending, hashes, links)
-        checkpoint("duplicates-commit")
-    report.checked = len(pending)
-    for tier in (evidence.COPY, evidence.NEAR):
-        report.links[tier] = sum(1 for link in links if link["tier"] == tier)
+    if len(pending):
+        report.whole_collection = len(pending) == len(held)
+        pairs = _candidates(library, index, held, pending, report.whole_collection, progress)
+        report.candidates = len(pairs)
+        links = _classified(library, pairs)
+        with library.sessions.begin() as session:
+            _replace(session, pending, hashes, links)
+            checkpoint("duplicates-commit")
+        report.checked = len(pending)
+        for tier in (evidence.COPY, evidence.NEAR):
+            report.links[tier] = sum(1 for link in links if link["tier"] == tier)
+    (library.index_dir / UNCHECKED_MARK).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -82,53 +114,69 @@ def update(library, *, progress: Progress = lambda stage, done, total: None) -> 
 def _candidates(library, index, held: np.ndarray, pending: np.ndarray, whole: bool, progress: Progress) -> Pairs:
     """Pairs worth classifying: each pending image's close neighbours by embedding, and by pixel
     signature (a small photo's half-size copy can sit below 16 look-alikes in the embedding)."""
-    signatures = _signatures(library, held)
-    rows = np.searchsorted(held, pending)
     if not whole and len(pending) <= SERVED_QUERIES_MAX:
+        # A few queries, as a search's: OpenMP's threads cost more than they bring (one image at
+        # 20k took 23 ms with two threads on two busy cores); per calling thread, as in search.
+        faiss.omp_set_num_threads(library.settings.search_threads or os.cpu_count() or 1)
         by_embedding = _served_neighbours(index, pending, progress)
-        by_signature = _exact_signature_pairs(held, signatures, pending, rows)
-    else:
-        progress("building the scan index", 0, len(held))
-        scan = scan_index(held, lambda: (vectors for _, vectors in index.iter_sorted()), index.dim)
-        queries = (vectors for _, vectors in index.iter_sorted()) if whole else _only(index, pending)
-        by_embedding = close_pairs(
-            scan, pending, queries, evidence.CANDIDATE_COSINE, progress=lambda d, t: progress("comparing", d, t)
-        )
-        del scan
-        progress("comparing pixel signatures", 0, len(pending))
-        sig_scan = scan_index(held, lambda: batches(signatures), signatures.shape[1])
-        by_signature = close_pairs(sig_scan, pending, batches(signatures[rows]), evidence.COPY_SIGNATURE)
+        by_signature = _coded_signature_pairs(library, held, pending)
+        return _merged(index, by_embedding, by_signature)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    ids, raw = _raw_signatures(library)
+    keep = np.isin(ids, held, assume_unique=True)
+    ids, raw = ids[keep], raw[keep]
+    signatures = np.zeros((len(held), raw.shape[1]), np.float32)
+    signatures[np.searchsorted(held, ids)] = centred(raw)
+    library.duplicate_signatures = SignatureCodes.of(held, ids, raw)  # the next few images' check starts warm
+    del raw
+    rows = np.searchsorted(held, pending)
+    progress("building the scan index", 0, len(held))
+    scan = scan_index(held, lambda: (vectors for _, vectors in index.iter_sorted()), index.dim)
+    queries = (vectors for _, vectors in index.iter_sorted()) if whole else _only(index, pending)
+    progress("comparing", 0, len(pending))
+    by_embedding = close_pairs(
+        scan, pending, queries, evidence.CANDIDATE_COSINE, progress=lambda d, t: progress("comparing", d, t)
+    )
+    del scan
+    progress("comparing pixel signatures", 0, len(pending))
+    sig_scan = scan_index(held, lambda: batches(signatures), signatures.shape[1])
+    by_signature = close_pairs(sig_scan, pending, batches(signatures[rows]), evidence.COPY_SIGNATURE)
     return _merged(index, by_embedding, by_signature)
 
 
-def _signatures(library, held: np.ndarray) -> np.ndarray:
-    """Fine signatures of the sorted `held` ids, one row each (zeros where there is none)."""
-    blobs: dict[int, bytes | None] = {}
+def _raw_signatures(library, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, uint8 rows) of the signatures of the searchable images, or of `among`'s."""
+    query = select(ImageRow.id, ImageRow.signature).where(ImageRow.status.in_(SEARCHABLE))
+    found: dict[int, bytes] = {}
     with library.sessions() as session:
-        result = session.connection().execute(
-            select(ImageRow.id, ImageRow.signature)
-            .where(ImageRow.status.in_(SEARCHABLE))
-            .execution_options(yield_per=20_000)
-        )
+        if among is None:
+            result = session.connection().execute(query.execution_options(yield_per=20_000))
+        else:
+            chunks = store.chunks(among.tolist())
+            result = (row for chunk in chunks for row in session.execute(query.where(ImageRow.id.in_(chunk))))
         for image_id, blob in result:
-            blobs[image_id] = blob
-    return evidence.signature_rows([blobs.get(int(i)) for i in held])
+            if blob is not None and len(blob) == SIDE * SIDE:
+                found[int(image_id)] = blob
+    ids = np.array(sorted(found), np.int64)
+    raw = np.frombuffer(b"".join(found[i] for i in ids.tolist()), np.uint8).reshape(len(ids), SIDE * SIDE)
+    return ids, raw
 
 
-def _exact_signature_pairs(held, signatures, pending, rows) -> Pairs:
-    a, b, corr = [], [], []
-    for start in range(0, len(rows), 256):
-        part = rows[start : start + 256]
-        sims = signatures[part] @ signatures.T
-        q, c = np.nonzero(sims >= evidence.COPY_SIGNATURE)
-        keep = held[c] != pending[start + q]
-        a.append(pending[start + q][keep])
-        b.append(held[c][keep])
-        corr.append(sims[q, c][keep])
-    if not a:
-        return Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    a, b = np.concatenate(a), np.concatenate(b)
-    return _unique(Pairs(np.minimum(a, b), np.maximum(a, b), np.concatenate(corr).astype(np.float32)))
+def _coded_signature_pairs(library, held: np.ndarray, pending: np.ndarray) -> Pairs:
+    """Copies of a few pending images by signature, from the process's in-memory codes (loaded
+    once, and again when the collection changed other than through these checks)."""
+    codes = library.duplicate_signatures
+    if codes is None or not codes.covers(held, pending):
+        ids, raw = _raw_signatures(library)
+        keep = np.isin(ids, held, assume_unique=True) & ~np.isin(ids, pending, assume_unique=True)
+        codes = library.duplicate_signatures = SignatureCodes.of(held, ids[keep], raw[keep])
+    ids, raw = _raw_signatures(library, pending)
+    a, b, corr = codes.close_pairs(ids, raw, evidence.COPY_SIGNATURE)
+    codes.add(ids, raw)
+    codes.held = held
+    inside = np.isin(b, held)  # an entry of an image removed since is no candidate
+    a, b = a[inside], b[inside]
+    return _unique(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
 
 
 def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:

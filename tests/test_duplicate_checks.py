@@ -1,0 +1,115 @@
+"""The duplicate check of an index run's new images: the in-memory signature codes against an
+exact comparison, the codes noticing a collection changed behind them, and a run killed between
+its images' commit and their check, whose images the next run checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from sqlalchemy import select
+from test_duplicates import HARD_NEGATIVES, plant_collection
+
+from conftest import SAMPLES, cli_command
+from indexer.duplicates import evidence, scan
+from indexer.duplicates.groups import list_groups
+from indexer.duplicates.signature_codes import SignatureCodes
+from indexer.library import Library
+from indexer.models import ImageRow
+from indexer.near_duplicates import centred, pixel_signature
+from indexer.pipeline import index_folders
+
+
+def _signature(img: Image.Image) -> np.ndarray:
+    return np.frombuffer(pixel_signature(img), np.uint8)
+
+
+def _jpeg_copy(img: Image.Image, quality: int) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def signatures() -> tuple[np.ndarray, np.ndarray]:
+    """Signatures of the shipped photos and look-alikes, and of re-encoded and resized copies of
+    the first twenty (ids 1000+), as an index run stores them."""
+    photos = sorted(SAMPLES.rglob("*.jpg")) + sorted(HARD_NEGATIVES.glob("*.jpg"))
+    raw, ids = [], []
+    for i, path in enumerate(photos):
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        raw.append(_signature(img))
+        ids.append(i)
+        if i < 20:
+            copy = _jpeg_copy(img, 30) if i % 2 else img.resize((img.width // 2, img.height // 2))
+            raw.append(_signature(copy))
+            ids.append(1000 + i)
+    order = np.argsort(ids)
+    return np.array(ids, np.int64)[order], np.stack(raw)[order]
+
+
+def test_codes_find_every_pair_an_exact_comparison_finds(signatures):
+    ids, raw = signatures
+    queries = np.isin(ids, np.arange(1000, 1020)) | (ids < 10)
+    codes = SignatureCodes.of(ids, ids[~queries], raw[~queries])
+    a, b, corr = codes.close_pairs(ids[queries], raw[queries], evidence.COPY_SIGNATURE)
+    rows = centred(raw)
+    exact = rows[queries] @ rows[~queries].T
+    q, c = np.nonzero(exact >= evidence.COPY_SIGNATURE)
+    want = set(zip(ids[queries][q].tolist(), ids[~queries][c].tolist()))
+    assert set(zip(a.tolist(), b.tolist())) == want
+    assert len(want) >= 8  # copies 1010-1019 of the photos 10-19 held by the codes
+    np.testing.assert_allclose(np.sort(corr), np.sort(exact[q, c]), atol=1e-5)
+
+
+def test_codes_notice_a_collection_changed_other_than_through_them(signatures):
+    ids, raw = signatures
+    codes = SignatureCodes.of(ids[:-5], ids[:-5], raw[:-5])
+    checking = ids[-5:]
+    assert codes.covers(ids, checking)  # the only new images are the ones being checked
+    codes.add(checking, raw[-5:])
+    codes.held = ids
+    assert codes.covers(ids, ids[:0])
+    assert not codes.covers(np.append(ids, 5000), ids[:0])  # another process added one
+    assert not codes.covers(ids[1:], ids[:0])  # or removed one
+    assert codes.covers(ids[1:], ids[:1])  # checking it again is no change behind the codes' back
+
+
+def test_a_run_killed_before_its_check_leaves_its_images_to_the_next_run(tmp_path, settings):
+    planted = plant_collection(tmp_path / "photos")
+    library = Library(settings)
+    index_folders(library, [str(tmp_path / "photos")])
+    home = settings.resolved_home
+    library.close()
+    late = tmp_path / "photos" / "late-copy.jpg"
+    ImageOps.exif_transpose(Image.open(planted["original"])).convert("RGB").save(late, "JPEG", quality=40)
+    env = {**os.environ, "LOOKALIKE_FAULTS": "duplicates-commit:1=kill"}
+    killed = subprocess.run(
+        cli_command("index", str(tmp_path / "photos"), "--home", str(home)), env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -9, killed.stderr
+    library = Library(settings)
+    mark = library.index_dir / scan.UNCHECKED_MARK
+    assert mark.exists()
+    with library.sessions() as session:
+        late_id = session.scalar(select(ImageRow.id).where(ImageRow.path == str(late)))
+        assert late_id is not None and scan.pending_images(session)[0].tolist() == [late_id]
+    # The next run adds a photo of its own and checks the one the killed run left too.
+    shutil.copy2(sorted(SAMPLES.rglob("*.jpg"))[1], tmp_path / "photos" / "another.jpg")
+    report = index_folders(library, [str(tmp_path / "photos")])
+    assert report.added == 1 and report.duplicates.checked == 2
+    assert not mark.exists()
+    with library.sessions() as session:
+        assert len(scan.pending_images(session)[0]) == 0
+        (group,) = list_groups(session, "copy", image_id=late_id)
+    assert len(group.members) == 6  # the five copies of the original and the late one
+    # Without the mark, a run checks only its own new images.
+    shutil.copy2(sorted(SAMPLES.rglob("*.jpg"))[2], tmp_path / "photos" / "third.jpg")
+    assert index_folders(library, [str(tmp_path / "photos")]).duplicates.checked == 1
+    library.close()
