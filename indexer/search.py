@@ -14,6 +14,7 @@ import numpy as np
 
 from indexer import near_duplicates, store
 from indexer.decode import decode_for_model
+from indexer.duplicates import groups as duplicate_groups
 from indexer.errors import BadQuery, NotIndexed
 from indexer.filters import TagFilter
 from indexer.heads.storage import tags_of
@@ -29,6 +30,7 @@ class SearchResult:
     tags: list[dict] = field(default_factory=list)
     near_duplicate: bool = False  # a resized or re-encoded copy of the query: ranked first
     has_file: bool = True  # False for an imported row, whose file and thumbnail are elsewhere
+    duplicates: dict | None = None  # {"tier", "size"} of its strongest duplicate group, if any
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SearchResponse:
                     "score": r.score,
                     "near_duplicate": r.near_duplicate,
                     "has_file": r.has_file,
+                    "duplicates": r.duplicates,
                     "tags": r.tags,
                 }
                 for r in self.results
@@ -146,8 +149,12 @@ def _described(
         ranked = near_duplicates.rerank(signature, [rows[h.id].signature for h in hits])[:k]
         chosen = [hits[r.position] for r in ranked]
         tags = tags_of(session, [h.id for h in chosen])
+        # The results' own groups only (a walk from them, not every component): the page's badges.
+        grouped = duplicate_groups.badges(session, [h.id for h in chosen])
     return [
-        SearchResult(h.id, rows[h.id].path, h.score, tags[h.id], r.near_duplicate, rows[h.id].has_file)
+        SearchResult(
+            h.id, rows[h.id].path, h.score, tags[h.id], r.near_duplicate, rows[h.id].has_file, grouped.get(h.id)
+        )
         for h, r in zip(chosen, ranked)
     ]
 

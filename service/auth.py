@@ -3,8 +3,8 @@
 - No keys configured: nothing is checked (the server binds to 127.0.0.1 by default).
 - `api_keys` set: every route but `/health` and the web page itself (`/` and its static assets)
   needs `Authorization: Bearer KEY` or `X-API-Key: KEY`; `/docs` and `/openapi.json` too.
-- `admin_keys` set: write routes (any method but GET/HEAD, except the read-only `POST /search`)
-  need an admin key; an admin key is also valid everywhere an ordinary key is.
+- `admin_keys` set: write routes (any method but GET/HEAD, except the read-only `POST /search`
+  and `POST /duplicates/plan`) need an admin key; an admin key is also valid everywhere an ordinary key is.
 
 Keys are compared in constant time: each offered key is hashed and compared with
 `hmac.compare_digest` against the hash of every configured key, without stopping early.
@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PUBLIC_PATHS = frozenset({"/", "/health", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 READ_METHODS = frozenset({"GET", "HEAD"})
-READ_ONLY_POSTS = frozenset({"/search"})  # a query with an uploaded image; writes nothing
+# A query with an uploaded image, and a removal plan the page downloads: they write nothing.
+READ_ONLY_POSTS = frozenset({"/search", "/duplicates/plan"})
 
 MISSING_KEY = "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 INVALID_KEY = "invalid API key"

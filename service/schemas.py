@@ -14,6 +14,14 @@ class TagOut(BaseModel):
     score: float
 
 
+class DuplicatesOut(BaseModel):
+    tier: Literal["identical", "copy", "near"] = Field(
+        description="The strongest tier at which the image has a group: its copy group (named identical when"
+        " only identical files hold it together), else its near-duplicate group"
+    )
+    size: int = Field(description="Members of that group, the image included")
+
+
 class ResultOut(BaseModel):
     id: int
     path: str
@@ -25,6 +33,11 @@ class ResultOut(BaseModel):
         True,
         description="False for an image imported as a precomputed embedding: its file is on another host,"
         " so its /file and /thumbnail answer 404",
+    )
+    duplicates: DuplicatesOut | None = Field(
+        None,
+        description="The image's duplicate group (resolved or not; GET /images/{id}/duplicates?tier= lists it),"
+        " null when it has none",
     )
     tags: list[TagOut]
 

@@ -186,6 +186,10 @@ def test_each_key_works_with_either_header(keyed, indexed):
     # POST /search is a query: an ordinary key is enough.
     response = keyed.post("/search", files=_upload(indexed), data={"k": "3"}, headers=headers)
     assert response.status_code == 200 and len(response.json()["results"]) == 3
+    # So is POST /duplicates/plan: it answers a plan and writes nothing (no groups here: nothing planned).
+    response = keyed.post("/duplicates/plan", json={"tier": "copy", "image_ids": [image_id]}, headers=headers)
+    assert response.status_code == 200 and response.json() == {"tier": "copy", "remove": []}
+    _assert_401(keyed.post("/duplicates/plan", json={"image_ids": [image_id]}), "an API key is required")
     # A wrong key next to a right one still gets in (the right one is what counts).
     both = {"Authorization": "Bearer wrong", "X-API-Key": USER_KEYS[0]}
     assert keyed.get("/stats", headers=both).status_code == 200

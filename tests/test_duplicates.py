@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from sqlalchemy import select
 
 from conftest import SAMPLES, assert_index_matches_db, cli_command
+from indexer.duplicates import groups as groups_module
 from indexer.duplicates import scan
 from indexer.duplicates.decisions import choose_keep, mark_distinct
 from indexer.duplicates.groups import list_groups
@@ -225,3 +226,84 @@ def test_http_routes_list_page_and_decide(collection):
         assert client.get("/duplicates", params={"tier": "copy", "resolved": True}).json()["total"] == 1
         assert client.delete(f"/duplicates/keep/{id_of['half']}").status_code == 204
         assert client.get("/duplicates", params={"tier": "copy"}).json()["total"] == 1
+
+
+def _badges(client, image_id: int) -> dict[int, dict | None]:
+    answer = client.get(f"/images/{image_id}/similar", params={"k": 100})
+    assert answer.status_code == 200, answer.text
+    return {hit["id"]: hit["duplicates"] for hit in answer.json()["results"]}
+
+
+def _expected_badge(session, image_id: int) -> dict | None:
+    """What the listing says: the image's copy group if any, else its near-duplicate group."""
+    for tier in ("copy", "near"):
+        groups = list_groups(session, tier, include_resolved=True, image_id=image_id)
+        if groups:
+            return {"tier": groups[0].tier, "size": len(groups[0].members)}
+    return None
+
+
+@pytest.mark.parametrize("steps", [groups_module.BADGE_STEPS, 1])  # 1: the walk gives up, the full computation
+def test_search_hits_carry_their_duplicate_group(collection, monkeypatch, steps):
+    library, planted, id_of, ids = collection
+    monkeypatch.setattr(groups_module, "BADGE_STEPS", steps)
+    other = next(i for p, i in ids.items() if p.name == "photo10.jpg")
+    with TestClient(create_app(library.settings)) as client:
+        badges = _badges(client, other)
+        assert len(badges) == len(ids) - 1  # every other image: the grouped ones and the rest
+        copy = {"tier": "copy", "size": 5}
+        for name in ("original", "identical", "half", "png", "exif"):
+            assert badges[id_of[name]] == copy, name
+        assert badges[id_of["crop"]] == {"tier": "near", "size": 6}  # only near: the crop is no copy
+        assert [i for i, badge in badges.items() if badge] == [i for i in badges if i in id_of.values()]
+        with library.sessions() as session:
+            assert badges == {i: _expected_badge(session, i) for i in badges}
+        # Cut every link but the identical pair's: two identical files, and nothing else grouped.
+        rest = [id_of[k] for k in ("half", "png", "exif", "crop")]
+        with library.sessions.begin() as session:
+            mark_distinct(session, [id_of["original"], *rest])
+            mark_distinct(session, [id_of["identical"], *rest])
+        badges = _badges(client, other)
+        assert badges[id_of["original"]] == badges[id_of["identical"]] == {"tier": "identical", "size": 2}
+        pair = (id_of["original"], id_of["identical"])
+        assert [i for i, badge in badges.items() if badge] == [i for i in badges if i in pair]
+        with library.sessions() as session:
+            assert badges == {i: _expected_badge(session, i) for i in badges}
+        # Uploads and searches by several examples carry the field too.
+        upload = client.post("/search", params={"k": 5}, files={"file": ("q.jpg", planted["half"].read_bytes())})
+        hits = upload.json()["results"]
+        with library.sessions() as session:
+            assert [hit["duplicates"] for hit in hits] == [_expected_badge(session, hit["id"]) for hit in hits]
+        assert {"tier": "identical", "size": 2} in [hit["duplicates"] for hit in hits]
+
+
+def test_plan_route_answers_the_plan_of_the_chosen_groups_only(collection, tmp_path):
+    from dataclasses import asdict
+
+    from indexer.duplicates import plan
+
+    library, planted, id_of, ids = collection
+    with TestClient(create_app(library.settings)) as client:
+        answer = client.post("/duplicates/plan", json={"tier": "copy", "image_ids": [id_of["half"]]})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["tier"] == "copy"
+        assert {r["id"] for r in body["remove"]} == {id_of[k] for k in ("original", "identical", "half", "exif")}
+        assert all(r["keep_id"] == id_of["png"] for r in body["remove"])
+        with library.sessions() as session:
+            assert body["remove"] == [asdict(r) for r in plan.plan(session, "copy")]
+        # The file the page downloads is one `apply` reads.
+        (tmp_path / "plan.json").write_text(answer.text)
+        assert [r.id for r in plan.read_plan(tmp_path / "plan.json")] == [r["id"] for r in body["remove"]]
+        # Images in no group plan nothing; the near tier adds the crop's group, with its own pick.
+        lone = next(i for p, i in ids.items() if p.name == "photo10.jpg")
+        assert client.post("/duplicates/plan", json={"tier": "copy", "image_ids": [lone]}).json()["remove"] == []
+        near = client.post("/duplicates/plan", json={"tier": "near", "image_ids": [lone, id_of["crop"]]}).json()
+        assert len(near["remove"]) == 5 and {r["tier"] for r in near["remove"]} == {"near"}
+        # A person's choice is what the plan keeps.
+        client.post("/duplicates/keep", json={"image_id": id_of["half"], "tier": "copy"})
+        kept = client.post("/duplicates/plan", json={"tier": "copy", "image_ids": [id_of["png"]]}).json()
+        assert {r["id"] for r in kept["remove"]} == {id_of[k] for k in ("original", "identical", "png", "exif")}
+        assert {r["reason"] for r in kept["remove"]} == {"chosen by you"}
+        assert client.post("/duplicates/plan", json={"tier": "copy", "image_ids": []}).status_code == 422
+        assert all(Path(p).exists() for p in planted.values())  # nothing moved

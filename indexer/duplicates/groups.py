@@ -56,6 +56,7 @@ class Member:
             "width": self.width,
             "height": self.height,
             "format": self.format,
+            "has_file": self.has_file,  # False: imported, its file (and thumbnail) is on another host
             "keep": self.keep,
         }
 
@@ -200,10 +201,77 @@ def _candidate(m: Member) -> keep.Candidate:
     return keep.Candidate(m.id, m.path, m.size, m.width, m.height, m.format, m.mtime_ns)
 
 
-def group_ids(session, tier: str = NEAR) -> dict[int, int]:
-    """Image id -> the number of members of its group at `tier`, for every grouped image (badges)."""
-    out = {}
-    for ids, _ in components(links_at(session, tier)):
-        for i in ids:
-            out[int(i)] = len(ids)
+# -- badges: the groups of a few images (search results), without computing every component ------
+
+BADGE_STEPS = 32  # breadth-first steps before the walk gives up for the full computation
+_LISTED = (store.STATUS_INDEXED, store.STATUS_IMPORTED)  # as _identical_links
+
+
+def badges(session, ids) -> dict[int, dict]:
+    """Image id -> {"tier", "size"} of the strongest group each of `ids` belongs to, for the ones in
+    a group: its copy group (named "identical" when only identical links hold it, as list_groups
+    names it) if it has one, else its near-duplicate group. Resolved groups count too.
+
+    Walks out from `ids` over the links (a few indexed queries per step) instead of forming every
+    component, so a page of search results costs about its own groups (100k images, 20k links on
+    SQLite: 4 ms for 24 results, against 150 ms to form every component); a long chain of links
+    falls back on the full computation after BADGE_STEPS steps."""
+    ids = {int(i) for i in ids}
+    links = _links_around(session, ids)
+    if links is None:
+        links = links_at(session, NEAR)
+    strong = [link for link in links if link.tier != NEAR]
+    out: dict[int, dict] = {}
+    for level in (strong, links):
+        for members, group_links in components(level):
+            weakest = max((link.tier for link in group_links), key=lambda t: RANK[t])
+            for i in ids.intersection(int(m) for m in members):
+                out.setdefault(i, {"tier": weakest, "size": len(members)})
     return out
+
+
+def _links_around(session, start: set[int]) -> list[Link] | None:
+    """Every link of the components holding `start` (all tiers, less the pairs marked distinct);
+    None when the walk takes more than BADGE_STEPS steps."""
+    seen, frontier = set(start), set(start)
+    hashes: set[str] = set()
+    found: dict[tuple[int, int, str], Link] = {}
+    for _ in range(BADGE_STEPS):
+        if not frontier:
+            return list(found.values())
+        new: list[Link] = []
+        fresh_hashes: set[str] = set()
+        for chunk in store.chunks(sorted(frontier)):
+            columns = (DuplicateLinkRow.a_id, DuplicateLinkRow.b_id, DuplicateLinkRow.tier, DuplicateLinkRow.score)
+            for end in (DuplicateLinkRow.a_id, DuplicateLinkRow.b_id):  # two indexed lookups, not an OR
+                rows = session.execute(select(*columns).where(end.in_(chunk), DuplicateLinkRow.tier.in_((COPY, NEAR))))
+                new += [Link(int(a), int(b), t, float(s)) for a, b, t, s in rows]
+            # Statuses are checked here, not in SQL: SQLite would pick the status index and scan.
+            rows = session.execute(select(ImageRow.content_hash, ImageRow.status).where(ImageRow.id.in_(chunk)))
+            fresh_hashes.update(digest for digest, status in rows if digest is not None and status in _LISTED)
+        fresh_hashes -= hashes
+        hashes |= fresh_hashes
+        for chunk in store.chunks(sorted(fresh_hashes)):
+            rows = session.execute(
+                select(ImageRow.content_hash, ImageRow.id, ImageRow.status).where(ImageRow.content_hash.in_(chunk))
+            )
+            first: dict[str, int] = {}
+            # The same star as _identical_links: each file linked to the first (smallest id) of its hash.
+            for digest, image_id in sorted((d, int(i)) for d, i, status in rows if status in _LISTED):
+                if digest in first:
+                    new.append(Link(first[digest], int(image_id), IDENTICAL, 1.0))
+                else:
+                    first[digest] = int(image_id)
+        new = [link for link in new if (link.a, link.b, link.tier) not in found]
+        cut: set[tuple[int, int]] = set()
+        for chunk in store.chunks(sorted({link.a for link in new})):
+            query = select(DistinctPairRow.a_id, DistinctPairRow.b_id).where(DistinctPairRow.a_id.in_(chunk))
+            cut.update((int(a), int(b)) for a, b in session.execute(query))
+        frontier = set()
+        for link in new:
+            if (link.a, link.b) in cut:
+                continue
+            found[(link.a, link.b, link.tier)] = link
+            frontier.update(n for n in (link.a, link.b) if n not in seen)
+        seen |= frontier
+    return None

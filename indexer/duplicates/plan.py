@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,10 +52,21 @@ class ApplyReport:
     log: Path
 
 
-def plan(session, tier: str = COPY, *, folder: str | None = None, prefer: tuple[str, ...] = ()) -> list[Removal]:
-    """Every non-kept member of the groups at `tier` (resolved ones included: a person chose)."""
+def plan(
+    session,
+    tier: str = COPY,
+    *,
+    folder: str | None = None,
+    prefer: tuple[str, ...] = (),
+    only: Iterable[int] | None = None,
+) -> list[Removal]:
+    """Every non-kept member of the groups at `tier` (resolved ones included: a person chose);
+    with `only`, of the groups holding at least one of those image ids (the page's chosen groups)."""
+    wanted = None if only is None else {int(i) for i in only}
     removals = []
     for group in list_groups(session, tier, folder=folder, prefer=prefer, include_resolved=True):
+        if wanted is not None and wanted.isdisjoint(m.id for m in group.members):
+            continue
         kept = next(m for m in group.members if m.id == group.keep_id)
         for m in group.members:
             if m.id == group.keep_id or not m.has_file:
@@ -66,6 +78,11 @@ def plan(session, tier: str = COPY, *, folder: str | None = None, prefer: tuple[
     return removals
 
 
+def plan_json(removals: list[Removal], tier: str) -> dict:
+    """The JSON plan `read_plan` (and `lookalike duplicates apply`) reads."""
+    return {"tier": tier, "remove": [asdict(r) for r in removals]}
+
+
 def write_plan(removals: list[Removal], out: Path, tier: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
@@ -74,7 +91,7 @@ def write_plan(removals: list[Removal], out: Path, tier: str) -> None:
             writer.writeheader()
             writer.writerows(asdict(r) for r in removals)
     else:
-        out.write_text(json.dumps({"tier": tier, "remove": [asdict(r) for r in removals]}, indent=2))
+        out.write_text(json.dumps(plan_json(removals, tier), indent=2))
 
 
 def read_plan(path: Path) -> list[Removal]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from indexer.duplicates.decisions import DISTINCT_MAX, choose_keep, forget_keep, mark_distinct
 from indexer.duplicates.groups import list_groups
+from indexer.duplicates.plan import plan, plan_json
 from service.deps import ImageId, LibraryDep
 from service.schemas import error_responses
 
@@ -26,6 +27,16 @@ class DistinctIn(BaseModel):
 class KeepIn(BaseModel):
     image_id: int
     tier: Tier = "near"
+
+
+PLAN_MAX = 20_000  # image ids in one plan request: the members of the groups a person chose
+
+
+class PlanIn(BaseModel):
+    tier: Tier = "copy"
+    image_ids: list[int] = Field(
+        min_length=1, max_length=PLAN_MAX, description="Members of the chosen groups (one per group is enough)"
+    )
 
 
 @router.get("/duplicates")
@@ -62,6 +73,16 @@ def image_duplicates(library: LibraryDep, image_id: ImageId, tier: Tier = "near"
             raise NotIndexed(f"no image with id {image_id}")
         groups = list_groups(session, tier, include_resolved=True, image_id=image_id)
     return {"image_id": image_id, "tier": tier, "group": groups[0].to_json() if groups else None}
+
+
+@router.post("/duplicates/plan")
+def duplicates_plan(library: LibraryDep, body: PlanIn) -> dict:
+    """The plan `lookalike duplicates plan OUT.json` writes, for the groups at `tier` holding any of
+    `image_ids` only: `{"tier", "remove": [{"id", "path", "size", "mtime_ns", "keep_id",
+    "keep_path", "reason", "tier"}]}`, the non-kept members as the keep rule (or a person's choice)
+    picks now. Reads only: nothing moves until `lookalike duplicates apply PLAN --move-to DIR`."""
+    with library.sessions() as session:
+        return plan_json(plan(session, body.tier, only=body.image_ids), body.tier)
 
 
 @router.post("/duplicates/distinct")

@@ -69,7 +69,8 @@ def search_by_upload(
 ) -> dict:
     """Images most similar to the uploaded one, or to several examples (uploads and indexed
     images as positives, indexed images as negatives; the examples are left out), optionally
-    filtered by tags, with scores and tags."""
+    filtered by tags, with scores, tags and each result's duplicate group (`duplicates`: its
+    strongest group's tier and size, or null)."""
     uploads = [part.file.read() for part in file or []]
     if len(uploads) > MAX_EXAMPLES:
         raise BadQuery(f"at most {MAX_EXAMPLES} uploaded examples in one query, not {len(uploads)}")

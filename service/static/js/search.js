@@ -4,6 +4,7 @@
 import { api } from "./api.js";
 import { $, basename, el, fmtBytes, fmtScore, plural } from "./dom.js";
 import { altText, closeDetail, initDetail, openDetail } from "./detail.js";
+import { badgeText, groupUrl } from "./duplicates.js";
 import { initFacets, refreshTags, renderActiveFilters, syncControls, syncFacetButtons } from "./facets.js";
 import { setImage, setThumbnail } from "./images.js";
 import { currentView, go, registerView, setSearchUrl, showView } from "./router.js";
@@ -193,8 +194,28 @@ function resultCard(result, index) {
   });
   return el("li", { className: "card", dataset: { id: result.id, score: result.score } }, [
     open,
-    el("div", { className: "card-body" }, [meta, tagSummary(result.tags, 4), more, exampleToggles(result, name, index)]),
+    el("div", { className: "card-body" }, [
+      meta,
+      duplicatesBadge(result, name),
+      tagSummary(result.tags, 4),
+      more,
+      exampleToggles(result, name, index),
+    ]),
   ]);
+}
+
+// The result's own duplicate group (the server says which, if any): a link to it in the duplicates view.
+function duplicatesBadge(result, name) {
+  const group = result.duplicates;
+  if (!group) return null;
+  const kind = { identical: "identical files", copy: "copies", near: "near-duplicates" }[group.tier];
+  return el("a", {
+    className: "dup-badge", // not .badge: that one is the query-copy mark on the thumbnail
+    href: groupUrl(result.id, group.tier),
+    "data-nav": "",
+    title: `${name} is one of ${group.size} ${kind}: open the group`,
+    text: badgeText(group),
+  });
 }
 
 function toSearchView() {
