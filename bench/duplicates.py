@@ -28,11 +28,21 @@ vectors; the threshold giving near recall >= 0.9 on crop5+shift, and the tier's 
 and imagehash's pHash (64 bits) at Hamming distance <= PHASH_DISTANCE.
 
 Timing (targets: 100k images in <= 2 min, 1M in <= 30 min; one new image checked in <= 10 ms):
-homes of N imported vectors (bench/ann_options.py's variants of the photos' real embeddings: each
-a real vector moved by noise, so the collection holds many close pairs, as a real one does), with
-16 x 16 signatures written for them (each a photo's signature plus noise; imported rows have
-none), then `scan.update` over the whole collection and `list_groups`, then one more vector added
-and checked (`scan.update` with one pending image).
+homes of N imported vectors (`lookalike import` of bench/ann_options.py's variants of the photos'
+real embeddings: each a real vector moved along the data's principal directions, so each sits
+at its parent photo's typical nearest-neighbour cosine, ~0.86, from it), with 16 x 16 signatures
+written for them (imported rows have none): the parent photo's signature plus noise (sd 10 of
+255). Among them PLANTED_SHARE are planted copies of an earlier image (vector moved to cosine
+~0.98, signature noise sd 1) and as many near-duplicates (cosine ~0.95, signature noise sd 6).
+Measured: `scan.update` over the whole collection (what `lookalike duplicates scan` runs) and
+`list_groups` at the near tier, with the planted pairs the scan found among those whose evidence
+passes the tier's thresholds (so its approximate neighbour search is measured, not the
+thresholds); then LATE new images imported and each checked alone as an index run checks its new
+images (`scan.update(images=[id])`): the first in a process loads the signatures, the rest are warm.
+Baselines: the exact k-nearest-neighbour search the scan would need without its IVF index
+(FAISS flat inner products, timed on a sample of queries and scaled to all), and one image's
+check as it was before the in-memory codes (every signature read from the database, then
+compared exactly).
 """
 
 from __future__ import annotations
@@ -45,7 +55,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import MODEL_CACHE, dataset_photos, load_line, machine_load, remove, scratch_dir, write_json
+from benchlib import (
+    CACHE,
+    LOOKALIKE,
+    MODEL_CACHE,
+    dataset_embeddings,
+    dataset_photos,
+    load_line,
+    lookalike_env,
+    machine_load,
+    remove,
+    scratch_dir,
+    write_json,
+)
 from PIL import Image, ImageOps
 
 KINDS = ("identical", "half", "jpeg30", "png", "exif", "crop5", "shift")
@@ -75,6 +97,13 @@ SOURCE_COPIES = [
     ),
 ]
 PHASH_DISTANCE = 10  # of 64 bits: the threshold imagehash users and photo tools commonly apply
+PLANTED_SHARE = 0.01  # of the timing collection: copies, and as many near-duplicates
+SIBLING_NOISE, COPY_NOISE, NEAR_NOISE = 10.0, 1.0, 6.0  # signature noise (sd, of 255)
+COPY_VECTOR_NOISE, NEAR_VECTOR_NOISE = 0.0057, 0.0092  # per dimension: cosine ~0.98 and ~0.95
+LATE = 21  # new images checked one at a time after the whole collection
+BASELINE_QUERIES = 2000
+TIMING_TARGET_S = {100_000: 120, 1_000_000: 1800}
+ONE_IMAGE_TARGET_MS = 10
 
 
 def _jpeg(img: Image.Image, quality: int, exif: bytes | None = None) -> bytes:
@@ -269,6 +298,253 @@ def quality() -> dict:
         remove(home)
 
 
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def _photo_signatures(n_rows: int) -> np.ndarray:
+    """uint8 signatures of the dataset photos, in dataset_embeddings()' row order."""
+    from sqlalchemy import select
+
+    from indexer.library import Library
+    from indexer.models import ImageRow
+    from indexer.settings import Settings
+
+    path_to_row, _, _ = dataset_embeddings()
+    out = np.zeros((n_rows, 256), np.uint8)
+    library = Library(Settings(home=CACHE / "datasets-home", model_cache=MODEL_CACHE))
+    with library.sessions() as session:
+        for path, blob in session.execute(select(ImageRow.path, ImageRow.signature)):
+            if path in path_to_row and blob is not None:
+                out[path_to_row[path]] = np.frombuffer(blob, np.uint8)
+    library.close()
+    return out
+
+
+def _noisy(signatures: np.ndarray, sd: float, rng) -> np.ndarray:
+    return np.clip(signatures + rng.normal(0, sd, signatures.shape), 0, 255).round().astype(np.uint8)
+
+
+def _moved(vectors: np.ndarray, sd: float, rng) -> np.ndarray:
+    x = vectors + rng.normal(0, sd, vectors.shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_collection(n: int, rng):
+    """(vectors, signatures, planted pairs as (earlier row, row, kind)) of n images."""
+    from ann_options import variant_maker
+
+    _, real, _ = dataset_embeddings()
+    real = real.astype(np.float32)
+    make, scale, _ = variant_maker(real, rng)
+    parents = rng.integers(0, len(real), n)
+    x = np.concatenate([make(parents[s : s + 50_000], scale) for s in range(0, n, 50_000)])
+    photo_sigs = _photo_signatures(len(real))
+    sigs = np.concatenate(
+        [_noisy(photo_sigs[parents[s : s + 50_000]], SIBLING_NOISE, rng) for s in range(0, n, 50_000)]
+    )
+    planted = []
+    count = int(n * PLANTED_SHARE)
+    # Each a copy of an earlier row; the last LATE rows (checked one at a time) half of them.
+    late = np.arange(n - LATE, n)
+    rows = rng.choice(np.arange(n // 10, n - LATE), 2 * count, replace=False)
+    rows = np.concatenate([rows[:count], late[::4], rows[count:], late[1::4]])
+    count += len(late[::4])
+    for kind, part, vec_sd, sig_sd in (
+        ("copy", rows[:count], COPY_VECTOR_NOISE, COPY_NOISE),
+        ("near", rows[count:], NEAR_VECTOR_NOISE, NEAR_NOISE),
+    ):
+        sources = (rng.random(len(part)) * part).astype(np.int64)
+        x[part] = _moved(x[sources], vec_sd, rng)
+        sigs[part] = _noisy(sigs[sources], sig_sd, rng)
+        planted += [(int(a), int(b), kind) for a, b in zip(sources, part)]
+    return x, sigs, planted
+
+
+def _write_signatures(library, ids: np.ndarray, sigs: np.ndarray) -> float:
+    from sqlalchemy import update as sql_update
+
+    from indexer.models import ImageRow
+
+    started = time.perf_counter()
+    with library.sessions.begin() as session:
+        for s in range(0, len(ids), 50_000):
+            part = zip(ids[s : s + 50_000].tolist(), sigs[s : s + 50_000])
+            session.execute(sql_update(ImageRow), [{"id": i, "signature": sig.tobytes()} for i, sig in part])
+    return time.perf_counter() - started
+
+
+def _expected_tiers(x: np.ndarray, sigs: np.ndarray, planted) -> list[str]:
+    """The tier each planted pair's own evidence reaches (exact), "" where none."""
+    from indexer.duplicates import evidence
+
+    a = np.array([p[0] for p in planted])
+    b = np.array([p[1] for p in planted])
+    cos = np.einsum("ij,ij->i", x[a], x[b])
+    rows = np.unique(np.concatenate([a, b]))
+    signatures = evidence.Signatures(rows, [sigs[r].tobytes() for r in rows])
+    fine, coarse, present = signatures.correlations(a, b)
+    return list(evidence.tiers_of(cos, fine, coarse, present))
+
+
+def _exact_knn_seconds(x: np.ndarray, rng) -> float:
+    """What the exact k-NN of every image would take: a sample of queries, scaled."""
+    import faiss
+
+    from indexer.duplicates.neighbours import NEIGHBOURS
+
+    queries = x[rng.choice(len(x), BASELINE_QUERIES, replace=False)]
+    started = time.perf_counter()
+    faiss.knn(queries, x, NEIGHBOURS + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    return (time.perf_counter() - started) * len(x) / BASELINE_QUERIES
+
+
+def _import(home: Path, x: np.ndarray, start: int, prefix: str) -> float:
+    import subprocess
+
+    from million import write_shards
+
+    shards = write_shards(home / f"shards-{prefix}", x, start, prefix)
+    env = lookalike_env(LOOKALIKE_HOME=str(home / "home"))
+    started = time.perf_counter()
+    subprocess.run([str(LOOKALIKE), "import", *map(str, shards), "-q"], env=env, check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    for shard in shards:
+        shard.unlink()
+    return seconds
+
+
+def _ids_in_order(library, prefix: str, n: int, start: int = 0) -> np.ndarray:
+    from indexer import store
+
+    paths = [f"/catalogue/{prefix}/{start + i:08d}.jpg" for i in range(n)]
+    with library.sessions() as session:
+        by_path = store.ids_by_path(session, paths)
+    return np.array([by_path[p] for p in paths], np.int64)
+
+
+def timing_at(n: int) -> dict:
+    import resource
+
+    from indexer.duplicates import evidence, scan
+    from indexer.duplicates.groups import list_groups
+    from indexer.library import Library
+    from indexer.settings import Settings
+
+    rng = np.random.default_rng(0)
+    print(f"\ntiming at {n:,} images: making the vectors and signatures", flush=True)
+    x, sigs, planted = synthetic_collection(n + LATE, rng)
+    expected = _expected_tiers(x, sigs, planted)
+    exact_knn = _exact_knn_seconds(x[:n], rng)
+    print(f"  baseline, exact k-NN of every image (FAISS flat, scaled from {BASELINE_QUERIES}): {exact_knn:.0f} s")
+    home = scratch_dir(f"dup-timing-{n}")
+    result = {"images": n, "planted": len(planted), "baseline_exact_knn_seconds": round(exact_knn, 1)}
+    result["import_seconds"] = round(_import(home, x[:n], 0, "item"), 1)
+    late_x, late_sigs = x[n:].copy(), sigs[n:].copy()
+    del x
+    library = Library(Settings(home=home / "home", model_cache=MODEL_CACHE))
+    ids = _ids_in_order(library, "item", n)
+    result["write_signatures_seconds"] = round(_write_signatures(library, ids, sigs[:n]), 1)
+    print(f"  imported in {result['import_seconds']} s, signatures written in {result['write_signatures_seconds']} s")
+
+    stages, last = {}, [None, time.perf_counter()]
+
+    def progress(stage, done, total):
+        if stage != last[0]:
+            now = time.perf_counter()
+            if last[0] is not None:
+                stages[last[0]] = stages.get(last[0], 0) + now - last[1]
+            last[:] = [stage, now]
+
+    started = time.perf_counter()
+    with library.write_lock():
+        report = scan.update(library, progress=progress)
+    scan_seconds = time.perf_counter() - started
+    stages[last[0]] = stages.get(last[0], 0) + time.perf_counter() - last[1]
+    started = time.perf_counter()
+    with library.sessions() as session:
+        groups = list_groups(session, "near", include_resolved=True)
+    list_seconds = time.perf_counter() - started
+    group_of = {m.id: g_index for g_index, g in enumerate(groups) for m in g.members}
+    found = {"copy": [0, 0], "near": [0, 0]}
+    for (a, b, kind), tier in zip(planted, expected):
+        if kind == "copy" and tier != evidence.COPY or kind == "near" and tier == "":
+            continue  # the planted evidence itself misses the tier: no question of search
+        if b >= n:
+            continue  # a late image
+        found[kind][1] += 1
+        ga, gb = group_of.get(int(ids[a])), group_of.get(int(ids[b]))
+        found[kind][0] += ga is not None and ga == gb
+    total = scan_seconds + list_seconds
+    result.update(
+        scan_seconds=round(scan_seconds, 1),
+        stage_seconds={k: round(v, 1) for k, v in stages.items()},
+        list_seconds=round(list_seconds, 1),
+        total_seconds=round(total, 1),
+        candidates=report.candidates,
+        links=report.links,
+        groups=len(groups),
+        planted_found={k: {"found": f, "of": t, "recall": f / t if t else None} for k, (f, t) in found.items()},
+        peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    )
+    target = TIMING_TARGET_S.get(n)
+    print(
+        f"  whole collection: scan {scan_seconds:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in stages.items())}) "
+        f"+ groups listed {list_seconds:.1f} s = {total:.1f} s" + (f"  [target <= {target} s]" if target else "")
+    )
+    print(
+        f"  {report.candidates:,} candidate pairs, links {report.links}, {len(groups):,} near-tier groups; "
+        f"planted pairs found: "
+        + ", ".join(f"{k} {f}/{t}" for k, (f, t) in found.items())
+        + f"; peak RSS {result['peak_rss_gib']} GiB",
+        flush=True,
+    )
+    result["one_image"] = _one_image(library, home, late_x, late_sigs, n)
+    library.close()
+    remove(home)
+    return result
+
+
+def _one_image(library, home: Path, late_x: np.ndarray, late_sigs: np.ndarray, n: int) -> dict:
+    """LATE new images imported, then each checked alone, as an index run checks its new ones."""
+    from indexer.duplicates import scan
+    from indexer.duplicates.evidence import COPY_SIGNATURE
+    from indexer.near_duplicates import centred
+
+    _import(home, late_x, n, "late")
+    library.refresh()
+    late_ids = _ids_in_order(library, "late", len(late_x), n)
+    _write_signatures(library, late_ids, late_sigs)
+    seconds, linked = [], 0
+    with library.write_lock():
+        for image_id in late_ids:
+            started = time.perf_counter()
+            report = scan.update(library, images=[int(image_id)])
+            seconds.append(time.perf_counter() - started)
+            linked += sum(report.links.values()) > 0
+    # Before the in-memory codes: every signature read from the database, compared exactly.
+    started = time.perf_counter()
+    ids, raw = scan._raw_signatures(library)
+    query = centred(late_sigs[:1])
+    np.nonzero(centred(raw) @ query[0] >= COPY_SIGNATURE)
+    baseline = time.perf_counter() - started
+    warm = sorted(seconds[1:])
+    out = {
+        "first_ms": round(1000 * seconds[0], 1),
+        "warm_median_ms": round(1000 * warm[len(warm) // 2], 2),
+        "warm_max_ms": round(1000 * warm[-1], 2),
+        "images_linked": linked,
+        "baseline_read_and_compare_every_signature_ms": round(1000 * baseline, 1),
+    }
+    print(
+        f"  one new image checked: warm median {out['warm_median_ms']} ms (max {out['warm_max_ms']}), "
+        f"first in the process {out['first_ms']} ms (loads the signatures); {linked}/{len(late_ids)} linked; "
+        f"baseline without the codes: {out['baseline_read_and_compare_every_signature_ms']} ms for the signature "
+        f"part alone  [target <= {ONE_IMAGE_TARGET_MS} ms]",
+        flush=True,
+    )
+    return out
+
+
 def _print_quality(q: dict) -> None:
     print(f"\nquality: {q['photos']} photos, {q['planted']} planted copies")
     head = "  " + f"{'':42}" + " ".join(f"{k:>9}" for k in KINDS) + f" {'precision':>9} {'false grp':>10}"
@@ -290,7 +566,9 @@ def main() -> None:
     if args.part in ("all", "quality"):
         out["quality"] = quality()
         _print_quality(out["quality"])
-    write_json("duplicates", out)
+    if args.part in ("all", "timing"):
+        out["timing"] = {str(n): timing_at(n) for n in args.sizes}
+    write_json("duplicates" if args.part == "all" else f"duplicates_{args.part}", out)
 
 
 if __name__ == "__main__":
