@@ -40,6 +40,7 @@ NEAR_COSINE = 0.92
 NEAR_LAYOUT = 0.90  # correlation of the 8 x 8 layouts
 NEAR_SIGNATURE = 0.85
 CANDIDATE_COSINE = min(COPY_COSINE, NEAR_COSINE)  # embedding neighbours below this are never looked at
+PAIRS_AT_ONCE = 65_536  # pairs whose signatures are gathered at once: 128 MB
 
 
 class Signatures:
@@ -67,8 +68,12 @@ class Signatures:
     def correlations(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fine, coarse, both present) for each pair (a[i], b[i])."""
         ra, rb = self.rows(a), self.rows(b)
-        fine = np.einsum("ij,ij->i", self.fine[ra], self.fine[rb])
-        coarse = np.einsum("ij,ij->i", self.coarse[ra], self.coarse[rb])
+        fine = np.empty(len(a), np.float32)
+        coarse = np.empty(len(a), np.float32)
+        for start in range(0, len(a), PAIRS_AT_ONCE):  # a whole scan's millions of pairs: bounded memory
+            pa, pb = ra[start : start + PAIRS_AT_ONCE], rb[start : start + PAIRS_AT_ONCE]
+            fine[start : start + len(pa)] = np.einsum("ij,ij->i", self.fine[pa], self.fine[pb])
+            coarse[start : start + len(pa)] = np.einsum("ij,ij->i", self.coarse[pa], self.coarse[pb])
         return fine, coarse, self.present[ra] & self.present[rb]
 
 

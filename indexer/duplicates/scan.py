@@ -26,7 +26,15 @@ from sqlalchemy import delete, insert, select
 
 from indexer import store
 from indexer.duplicates import evidence
-from indexer.duplicates.neighbours import NEIGHBOURS, Pairs, batches, close_pairs, scan_index
+from indexer.duplicates.neighbours import (
+    FLAT_MAX,
+    NEIGHBOURS,
+    Pairs,
+    close_pairs,
+    served_centroids,
+    trained_centroids,
+    unique_pairs,
+)
 from indexer.duplicates.signature_codes import SignatureCodes
 from indexer.faults import checkpoint
 from indexer.models import DuplicateCheckRow, DuplicateLinkRow, ImageRow
@@ -122,25 +130,39 @@ def _candidates(library, index, held: np.ndarray, pending: np.ndarray, whole: bo
         by_signature = _coded_signature_pairs(library, held, pending)
         return _merged(index, by_embedding, by_signature)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
+    queries = None if whole else np.isin(held, pending, assume_unique=True)
+    progress("reading the vectors", 0, len(held))
+    vectors = np.empty((len(held), index.dim), np.float16)  # half the memory; scores to ~1e-3
+    filled = 0
+    for chunk_ids, chunk in index.iter_sorted():
+        vectors[filled : filled + len(chunk_ids)] = chunk
+        filled += len(chunk_ids)
+    if filled != len(held):
+        raise RuntimeError(f"the index yielded {filled} vectors for {len(held)} ids")
+    if index.ann is not None and len(held) > FLAT_MAX:
+        centroids = served_centroids(index.ann.ivf)  # trained already: no k-means here
+    else:
+        progress("building lists", 0, len(held))
+        centroids = trained_centroids(vectors)
+    by_embedding = close_pairs(
+        vectors, held, centroids, evidence.CANDIDATE_COSINE, queries=queries,
+        progress=lambda done, total: progress("comparing", done, total),
+    )  # fmt: skip
+    del vectors
+    progress("reading the pixel signatures", 0, len(held))
     ids, raw = _raw_signatures(library)
     keep = np.isin(ids, held, assume_unique=True)
     ids, raw = ids[keep], raw[keep]
+    library.duplicate_signatures = SignatureCodes.of(held, ids, raw)  # the next few images' check starts warm
     signatures = np.zeros((len(held), raw.shape[1]), np.float32)
     signatures[np.searchsorted(held, ids)] = centred(raw)
-    library.duplicate_signatures = SignatureCodes.of(held, ids, raw)  # the next few images' check starts warm
     del raw
-    rows = np.searchsorted(held, pending)
-    progress("building the scan index", 0, len(held))
-    scan = scan_index(held, lambda: (vectors for _, vectors in index.iter_sorted()), index.dim)
-    queries = (vectors for _, vectors in index.iter_sorted()) if whole else _only(index, pending)
-    progress("comparing", 0, len(pending))
-    by_embedding = close_pairs(
-        scan, pending, queries, evidence.CANDIDATE_COSINE, progress=lambda d, t: progress("comparing", d, t)
-    )
-    del scan
-    progress("comparing pixel signatures", 0, len(pending))
-    sig_scan = scan_index(held, lambda: batches(signatures), signatures.shape[1])
-    by_signature = close_pairs(sig_scan, pending, batches(signatures[rows]), evidence.COPY_SIGNATURE)
+    progress("building signature lists", 0, len(held))
+    centroids = trained_centroids(signatures)
+    by_signature = close_pairs(
+        signatures, held, centroids, evidence.COPY_SIGNATURE, queries=queries,
+        progress=lambda done, total: progress("comparing pixel signatures", done, total),
+    )  # fmt: skip
     return _merged(index, by_embedding, by_signature)
 
 
@@ -176,7 +198,7 @@ def _coded_signature_pairs(library, held: np.ndarray, pending: np.ndarray) -> Pa
     codes.held = held
     inside = np.isin(b, held)  # an entry of an image removed since is no candidate
     a, b = a[inside], b[inside]
-    return _unique(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
+    return unique_pairs(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
 
 
 def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:
@@ -194,20 +216,13 @@ def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:
     )
 
 
-def _only(index, wanted: np.ndarray):
-    """The vectors of the sorted `wanted` ids, in id order, from the index's sorted chunks."""
-    for ids, vectors in index.iter_sorted():
-        keep = np.isin(ids, wanted, assume_unique=True)
-        if keep.any():
-            yield vectors[keep]
-
-
 def _served_neighbours(index, pending: np.ndarray, progress: Progress) -> Pairs:
     """A few images: their neighbours from the served index (its exact scores), no scan index."""
     a, b, cos = [], [], []
     vectors = np.stack([index.reconstruct(int(i)) for i in pending]) if len(pending) else None
     done = 0
-    for chunk in batches(vectors, 256):
+    for start in range(0, len(pending), 256):
+        chunk = vectors[start : start + 256]
         ids = pending[done : done + len(chunk)]
         for image_id, hits in zip(ids, index.search(chunk, NEIGHBOURS + 1)):
             for hit in hits:
@@ -218,17 +233,7 @@ def _served_neighbours(index, pending: np.ndarray, progress: Progress) -> Pairs:
         done += len(chunk)
         progress("comparing", done, len(pending))
     pairs = Pairs(np.array(a, np.int64), np.array(b, np.int64), np.array(cos, np.float32))
-    return _unique(pairs)
-
-
-def _unique(pairs: Pairs) -> Pairs:
-    if not len(pairs):
-        return pairs
-    order = np.lexsort((-pairs.cosine, pairs.b, pairs.a))
-    a, b, cos = pairs.a[order], pairs.b[order], pairs.cosine[order]
-    first = np.ones(len(a), dtype=bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    return Pairs(a[first], b[first], cos[first])
+    return unique_pairs(pairs)
 
 
 def _classified(library, pairs: Pairs) -> list[dict]:
