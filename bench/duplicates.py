@@ -64,6 +64,7 @@ from benchlib import (
     load_line,
     lookalike_env,
     machine_load,
+    pyplot,
     remove,
     scratch_dir,
     write_json,
@@ -82,7 +83,7 @@ TIER_OF_KIND = {
 }
 PLANTED = 150  # photos per kind that get a copy
 # Photos that are one photo twice in the source sets themselves (different bytes, reviewed by eye
-# among the closest pairs; bench/out/duplicates_source_copies.png shows them): any method should
+# among the closest pairs; bench/out/source_copies.png shows them): any method should
 # group them, so they count neither as found nor as false.
 SOURCE_COPIES = [
     ("caltech101-10class/images/llama/image_0001.jpg", "caltech101-10class/images/llama/image_0010.jpg"),
@@ -545,6 +546,49 @@ def _one_image(library, home: Path, late_x: np.ndarray, late_sigs: np.ndarray, n
     return out
 
 
+# -- pictures --------------------------------------------------------------------------------------
+
+
+def plot_quality(q: dict, out: Path) -> Path:
+    """Recall per planted kind for each tier and baseline, and the share of originals wrongly grouped."""
+    plt = pyplot()
+    rows = [(f"tier {t}", r) for t, r in q["tiers"].items()] + list(q["baselines"].items())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(rows)
+    for i, (name, r) in enumerate(rows):
+        left.bar(np.arange(len(KINDS)) + i * width, [r["recall_by_kind"][k] for k in KINDS], width, label=name[:40])
+        right.barh(i, 100 * r["originals_wrongly_grouped_share"])
+    left.set_xticks(np.arange(len(KINDS)) + 0.4 - width / 2, KINDS)
+    left.set_ylabel("recall of the planted pairs")
+    left.set_ylim(0, 1.05)
+    left.legend(fontsize=7, loc="lower left")
+    left.set_title(f"{q['planted']} planted copies among {q['photos']} photos")
+    right.set_yticks(range(len(rows)), [name[:28] for name, _ in rows], fontsize=7)
+    right.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    right.set_xlabel("% of original photos wrongly grouped")
+    right.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def source_copies_sheet(out: Path) -> Path:
+    """The SOURCE_COPIES pairs side by side, for the eye that judged them."""
+    from benchlib import require_datasets
+
+    root = require_datasets()
+    side = 160
+    sheet = Image.new("RGB", (2 * side + 10, len(SOURCE_COPIES) * (side + 10)), "white")
+    for row, pair in enumerate(SOURCE_COPIES):
+        for col, rel in enumerate(pair):
+            img = ImageOps.exif_transpose(Image.open(root / rel)).convert("RGB")
+            img.thumbnail((side, side))
+            sheet.paste(img, (col * (side + 10), row * (side + 10)))
+    sheet.save(out)
+    return out
+
+
 def _print_quality(q: dict) -> None:
     print(f"\nquality: {q['photos']} photos, {q['planted']} planted copies")
     head = "  " + f"{'':42}" + " ".join(f"{k:>9}" for k in KINDS) + f" {'precision':>9} {'false grp':>10}"
@@ -566,6 +610,10 @@ def main() -> None:
     if args.part in ("all", "quality"):
         out["quality"] = quality()
         _print_quality(out["quality"])
+        from benchlib import OUT
+
+        plots = plot_quality(out["quality"], OUT / "duplicates.png"), source_copies_sheet(OUT / "source_copies.png")
+        print("plots:", *plots)
     if args.part in ("all", "timing"):
         out["timing"] = {str(n): timing_at(n) for n in args.sizes}
     write_json("duplicates" if args.part == "all" else f"duplicates_{args.part}", out)

@@ -23,6 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer import store
 from indexer.ann import UNTUNED_RERANK, AnnSegment, candidates_for, open_segment, rerank, segment_files
 from indexer.errors import BackboneMismatch
 from indexer.faults import checkpoint
@@ -103,6 +104,7 @@ class VectorIndex:
         self._dead_count = int(self._dead_rows.sum())  # len() is asked per query: 0.4 ms to count at 1M
         self._rows_cache = Lru(LIVE_ROWS_CACHED)  # see _live_rows
         self._bitmaps = Lru(BITMAPS_CACHED)  # see _bitmap
+        self._fingerprint: np.ndarray | None = None  # see id_fingerprint
 
     @property
     def layout(self) -> str:
@@ -145,9 +147,28 @@ class VectorIndex:
         # linear time, where union1d's full sort took 0.8 s at 1M. They are disjoint by design.
         return np.sort(np.concatenate([live, np.sort(flat)]), kind="stable")
 
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` the index holds (live)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.isin(ids, self._flat_ids()) | self._live_in_ann(ids)
+
+    def id_fingerprint(self) -> tuple[int, int, int]:
+        """store.ids_fingerprint of the live ids: computed once, then kept up to date by add and
+        remove, so that a caller can tell cheaply whether the ids changed (the duplicate check's
+        in-memory signatures, indexer/duplicates/signature_codes.py)."""
+        if self._fingerprint is None:
+            self._fingerprint = np.array(store.ids_fingerprint(self.ids()), dtype=object)
+        return tuple(int(v) for v in self._fingerprint)
+
+    def _count_in_fingerprint(self, ids: np.ndarray, sign: int) -> None:
+        if self._fingerprint is not None and len(ids):
+            self._fingerprint = self._fingerprint + sign * np.array(store.ids_fingerprint(ids), dtype=object)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
             ids = np.asarray(ids, dtype=np.int64)
+            if self._fingerprint is not None:
+                self._count_in_fingerprint(np.unique(ids[~self.holds(ids)]), +1)
             self._tombstone(ids)  # a re-embedded image: its new vector lives in the growing segment
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
 
@@ -155,6 +176,8 @@ class VectorIndex:
         ids = np.asarray(list(ids), dtype=np.int64)
         if not len(ids):
             return 0
+        if self._fingerprint is not None:
+            self._count_in_fingerprint(np.unique(ids[self.holds(ids)]), -1)
         removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
         return removed + self._tombstone(ids)
 

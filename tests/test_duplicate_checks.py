@@ -22,6 +22,7 @@ from indexer.library import Library
 from indexer.models import ImageRow
 from indexer.near_duplicates import centred, pixel_signature
 from indexer.pipeline import index_folders
+from indexer.store import ids_fingerprint
 
 
 def _signature(img: Image.Image) -> np.ndarray:
@@ -57,7 +58,7 @@ def signatures() -> tuple[np.ndarray, np.ndarray]:
 def test_codes_find_every_pair_an_exact_comparison_finds(signatures):
     ids, raw = signatures
     queries = np.isin(ids, np.arange(1000, 1020)) | (ids < 10)
-    codes = SignatureCodes.of(ids, ids[~queries], raw[~queries])
+    codes = SignatureCodes.of(ids, ids_fingerprint(ids), ids[~queries], raw[~queries])
     a, b, corr = codes.close_pairs(ids[queries], raw[queries], evidence.COPY_SIGNATURE)
     rows = centred(raw)
     exact = rows[queries] @ rows[~queries].T
@@ -70,15 +71,43 @@ def test_codes_find_every_pair_an_exact_comparison_finds(signatures):
 
 def test_codes_notice_a_collection_changed_other_than_through_them(signatures):
     ids, raw = signatures
-    codes = SignatureCodes.of(ids[:-5], ids[:-5], raw[:-5])
+    base = ids[:-5]
+    codes = SignatureCodes.of(base, ids_fingerprint(base), base, raw[:-5])
     checking = ids[-5:]
-    assert codes.covers(ids, checking)  # the only new images are the ones being checked
-    codes.add(checking, raw[-5:])
-    codes.held = ids
-    assert codes.covers(ids, ids[:0])
-    assert not codes.covers(np.append(ids, 5000), ids[:0])  # another process added one
-    assert not codes.covers(ids[1:], ids[:0])  # or removed one
-    assert codes.covers(ids[1:], ids[:1])  # checking it again is no change behind the codes' back
+    assert codes.up_to_date(ids_fingerprint(ids), checking)  # the only new images are the ones checked
+    codes.checked(checking, checking, raw[-5:], ids_fingerprint(ids))
+    assert codes.up_to_date(ids_fingerprint(ids), ids[:0])
+    assert not codes.up_to_date(ids_fingerprint(np.append(ids, 5000)), ids[:0])  # another process added one
+    assert not codes.up_to_date(ids_fingerprint(ids[1:]), ids[:0])  # or removed one
+    assert codes.up_to_date(ids_fingerprint(ids), ids[:1])  # checking one again changes nothing behind them
+
+
+def test_a_library_reloads_the_codes_after_another_process_indexed(tmp_path, settings):
+    planted = plant_collection(tmp_path / "photos")
+    library = Library(settings)
+    index_folders(library, [str(tmp_path / "photos")])
+    first = library.duplicate_signatures
+    assert first is not None  # the whole first check left them
+    original = ImageOps.exif_transpose(Image.open(planted["original"])).convert("RGB")
+    original.save(tmp_path / "photos" / "q60.jpg", "JPEG", quality=60)
+    index_folders(library, [str(tmp_path / "photos")])
+    assert library.duplicate_signatures is first  # brought up to date, not loaded again
+    other = Library(settings)  # another process
+    original.save(tmp_path / "photos" / "q70.jpg", "JPEG", quality=70)
+    index_folders(other, [str(tmp_path / "photos")])
+    other.close()
+    library.refresh()  # as a server does
+    original.save(tmp_path / "photos" / "q80.jpg", "JPEG", quality=80)
+    report = index_folders(library, [str(tmp_path / "photos")])
+    assert report.duplicates.checked == 1
+    assert library.duplicate_signatures is not first  # loaded again: it holds the other's image too
+    with library.sessions() as session:
+        by_path = {p: i for i, p in session.execute(select(ImageRow.id, ImageRow.path))}
+        (group,) = list_groups(session, "copy", image_id=by_path[str(tmp_path / "photos" / "q80.jpg")])
+    q70 = by_path[str(tmp_path / "photos" / "q70.jpg")]
+    assert library.duplicate_signatures.known[q70]
+    assert q70 in {m.id for m in group.members}
+    library.close()
 
 
 def test_a_run_killed_before_its_check_leaves_its_images_to_the_next_run(tmp_path, settings):

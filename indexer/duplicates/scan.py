@@ -101,11 +101,10 @@ def update(
     with library.sessions() as session:
         pending, hashes = pending_images(session, images)
     index = library.index()
-    held = index.ids()
-    pending = pending[np.isin(pending, held, assume_unique=True)]  # a row without a vector: nothing to compare
+    pending = pending[index.holds(pending)]  # a row without a vector: nothing to compare
     if len(pending):
-        report.whole_collection = len(pending) == len(held)
-        pairs = _candidates(library, index, held, pending, report.whole_collection, progress)
+        report.whole_collection = len(pending) == len(index)
+        pairs = _candidates(library, index, pending, report.whole_collection, progress)
         report.candidates = len(pairs)
         links = _classified(library, pairs)
         with library.sessions.begin() as session:
@@ -119,7 +118,7 @@ def update(
     return report
 
 
-def _candidates(library, index, held: np.ndarray, pending: np.ndarray, whole: bool, progress: Progress) -> Pairs:
+def _candidates(library, index, pending: np.ndarray, whole: bool, progress: Progress) -> Pairs:
     """Pairs worth classifying: each pending image's close neighbours by embedding, and by pixel
     signature (a small photo's half-size copy can sit below 16 look-alikes in the embedding)."""
     if not whole and len(pending) <= SERVED_QUERIES_MAX:
@@ -127,8 +126,9 @@ def _candidates(library, index, held: np.ndarray, pending: np.ndarray, whole: bo
         # 20k took 23 ms with two threads on two busy cores); per calling thread, as in search.
         faiss.omp_set_num_threads(library.settings.search_threads or os.cpu_count() or 1)
         by_embedding = _served_neighbours(index, pending, progress)
-        by_signature = _coded_signature_pairs(library, held, pending)
+        by_signature = _coded_signature_pairs(library, index, pending)
         return _merged(index, by_embedding, by_signature)
+    held = index.ids()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     queries = None if whole else np.isin(held, pending, assume_unique=True)
     progress("reading the vectors", 0, len(held))
@@ -153,7 +153,8 @@ def _candidates(library, index, held: np.ndarray, pending: np.ndarray, whole: bo
     ids, raw = _raw_signatures(library)
     keep = np.isin(ids, held, assume_unique=True)
     ids, raw = ids[keep], raw[keep]
-    library.duplicate_signatures = SignatureCodes.of(held, ids, raw)  # the next few images' check starts warm
+    # The next few images' check starts warm.
+    library.duplicate_signatures = SignatureCodes.of(held, index.id_fingerprint(), ids, raw)
     signatures = np.zeros((len(held), raw.shape[1]), np.float32)
     signatures[np.searchsorted(held, ids)] = centred(raw)
     del raw
@@ -184,19 +185,21 @@ def _raw_signatures(library, among: np.ndarray | None = None) -> tuple[np.ndarra
     return ids, raw
 
 
-def _coded_signature_pairs(library, held: np.ndarray, pending: np.ndarray) -> Pairs:
-    """Copies of a few pending images by signature, from the process's in-memory codes (loaded
-    once, and again when the collection changed other than through these checks)."""
+def _coded_signature_pairs(library, index, pending: np.ndarray) -> Pairs:
+    """Copies of a few pending images by signature, from the in-memory codes (loaded once, and
+    again when the collection changed other than through these checks)."""
     codes = library.duplicate_signatures
-    if codes is None or not codes.covers(held, pending):
+    fingerprint = index.id_fingerprint()
+    if codes is None or not codes.up_to_date(fingerprint, pending):
+        held = index.ids()
         ids, raw = _raw_signatures(library)
         keep = np.isin(ids, held, assume_unique=True) & ~np.isin(ids, pending, assume_unique=True)
-        codes = library.duplicate_signatures = SignatureCodes.of(held, ids[keep], raw[keep])
+        others = held[~np.isin(held, pending, assume_unique=True)]
+        codes = library.duplicate_signatures = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep])
     ids, raw = _raw_signatures(library, pending)
     a, b, corr = codes.close_pairs(ids, raw, evidence.COPY_SIGNATURE)
-    codes.add(ids, raw)
-    codes.held = held
-    inside = np.isin(b, held)  # an entry of an image removed since is no candidate
+    codes.checked(pending, ids, raw, fingerprint)
+    inside = index.holds(b)  # an entry of an image removed since is no candidate
     a, b = a[inside], b[inside]
     return unique_pairs(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
 

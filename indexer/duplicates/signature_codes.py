@@ -8,10 +8,11 @@ from the database first takes seconds. Here they stay in memory from the first c
   Hamming range search finds the few that can correlate at COPY_SIGNATURE (~2 ms at 1M);
 - the raw signatures beside them (256 bytes an image), which score those few exactly.
 
-Kept per process on the Library and brought up to date at each check: the images being checked
-are added (an older entry of a changed image stays behind; it only adds a candidate that the
-database's signature then rejects), and a collection changed in other ways (another process
-indexed or removed images) is noticed by a fingerprint of the ids and loaded again.
+Kept on the Library (and handed to the writers a server opens for uploads) and brought up to
+date at each check: the images being checked are added (an older entry of a changed image stays
+behind; it only adds a candidate that the database's signature then rejects). A collection
+changed in other ways (another process indexed or removed images) is noticed by the fingerprint
+of the index's ids (count, sum, sum of squares; VectorIndex keeps it up to date) and loaded again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import faiss
 import numpy as np
 
 from indexer.near_duplicates import SIDE, centred
+from indexer.store import ids_fingerprint
 
 BITS = SIDE * SIDE
 # Hamming radius of the candidates. 3,458 half-size, quality-30, PNG and EXIF-rotated copies of
@@ -29,18 +31,46 @@ RADIUS = 40
 
 
 class SignatureCodes:
-    def __init__(self, held: np.ndarray):
+    def __init__(self, held: np.ndarray, fingerprint: tuple[int, int, int]):
+        """`held`: the index's ids whose current signatures are here (or who have none);
+        `fingerprint`: the index's id fingerprint then."""
         self.index = faiss.IndexBinaryFlat(BITS)
         self.ids = np.zeros(0, np.int64)  # by position in `index`
         self.raw = np.zeros((0, BITS), np.uint8)
-        self.held = held  # the sorted ids whose current signatures are here (those without one included)
+        self.known = np.zeros(0, bool)
+        self._mark_known(held)
+        self.fingerprint = fingerprint
         self._count = 0
 
     @classmethod
-    def of(cls, held: np.ndarray, ids: np.ndarray, raw: np.ndarray) -> SignatureCodes:
-        codes = cls(held)
+    def of(cls, held: np.ndarray, fingerprint, ids: np.ndarray, raw: np.ndarray) -> SignatureCodes:
+        codes = cls(held, fingerprint)
         codes.add(ids, raw)
         return codes
+
+    def _mark_known(self, ids: np.ndarray) -> None:
+        if len(ids) and ids.max() >= len(self.known):
+            grown = np.zeros(max(int(ids.max()) + 1, 2 * len(self.known)), bool)
+            grown[: len(self.known)] = self.known
+            self.known = grown
+        self.known[ids] = True
+
+    def up_to_date(self, fingerprint: tuple[int, int, int], checking: np.ndarray) -> bool:
+        """Whether every image the index holds (`fingerprint` of its ids) but those of `checking`
+        (held too) has its current signature here: the index's ids apart from `checking` are
+        the ones these were last brought up to."""
+        inside = checking[checking < len(self.known)]
+        were_known = inside[self.known[inside]]
+        now = np.subtract(fingerprint, ids_fingerprint(checking))
+        then = np.subtract(self.fingerprint, ids_fingerprint(were_known))
+        return bool((now == then).all())
+
+    def checked(self, checked: np.ndarray, ids: np.ndarray, raw: np.ndarray, fingerprint: tuple[int, int, int]) -> None:
+        """`checked` images done, `ids` of them with these signatures; the index's ids now have
+        `fingerprint`."""
+        self.add(ids, raw)
+        self._mark_known(checked)
+        self.fingerprint = fingerprint
 
     def add(self, ids: np.ndarray, raw: np.ndarray) -> None:
         """Signatures (uint8 rows) of `ids`; flat ones (no layout) match nothing and are left out."""
@@ -60,11 +90,6 @@ class SignatureCodes:
         self.index.add(np.packbits(rows > 0, axis=1))
         self._count = need
 
-    def covers(self, held: np.ndarray, checking: np.ndarray) -> bool:
-        """Whether every image of the sorted `held` but those of `checking` has its current
-        signature here: the ids apart from `checking` are the ones this was last brought up to."""
-        return _fingerprint(held, checking) == _fingerprint(self.held, checking)
-
     def close_pairs(self, query_ids: np.ndarray, query_raw: np.ndarray, min_correlation: float):
         """(a, b, correlation) of each query and every image here correlating at `min_correlation`."""
         rows = centred(query_raw)
@@ -79,18 +104,3 @@ class SignatureCodes:
         correlation = np.einsum("ij,ij->i", candidates, rows[query_of])
         keep = (correlation >= min_correlation) & (self.ids[positions] != query_ids[query_of])
         return query_ids[query_of][keep], self.ids[positions][keep], correlation[keep].astype(np.float32)
-
-
-def _fingerprint(ids: np.ndarray, leave_out: np.ndarray) -> tuple[int, int, int]:
-    """Count, sum and sum of squares (mod 2**64) of the sorted `ids` without `leave_out`."""
-    at = np.searchsorted(ids, leave_out)
-    inside = at < len(ids)
-    inside[inside] = ids[at[inside]] == leave_out[inside]
-    out = leave_out[inside].astype(np.uint64)
-    every = ids.astype(np.uint64)
-    wrap = 1 << 64  # array sums wrap silently; the differences are taken on Python ints
-    return (
-        len(ids) - len(out),
-        (int(every.sum()) - int(out.sum())) % wrap,
-        (int((every * every).sum()) - int((out * out).sum())) % wrap,
-    )
