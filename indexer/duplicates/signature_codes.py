@@ -37,6 +37,7 @@ class SignatureCodes:
         self.index = faiss.IndexBinaryFlat(BITS)
         self.ids = np.zeros(0, np.int64)  # by position in `index`
         self.raw = np.zeros((0, BITS), np.uint8)
+        self.spread = np.zeros(0, np.float32)  # |raw - its mean| of each row
         self.known = np.zeros(0, bool)
         self._mark_known(held)
         self.fingerprint = fingerprint
@@ -85,7 +86,10 @@ class SignatureCodes:
             grown[: self._count] = self.raw[: self._count]
             self.raw = grown
             self.ids = np.concatenate([self.ids[: self._count], np.zeros(len(grown) - self._count, np.int64)])
+            self.spread = np.concatenate([self.spread[: self._count], np.zeros(len(grown) - self._count, np.float32)])
         self.raw[self._count : need] = raw
+        flat = raw.astype(np.float32)
+        self.spread[self._count : need] = np.linalg.norm(flat - flat.mean(axis=1, keepdims=True), axis=1)
         self.ids[self._count : need] = ids
         self.index.add(np.packbits(rows > 0, axis=1))
         self._count = need
@@ -98,9 +102,13 @@ class SignatureCodes:
         if not len(query_ids) or not self._count:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         limits, _, positions = self.index.range_search(np.packbits(rows > 0, axis=1), RADIUS + 1)
-        counts = np.diff(limits.astype(np.int64))
-        query_of = np.repeat(np.arange(len(query_ids)), counts)
-        candidates = centred(self.raw[positions])
-        correlation = np.einsum("ij,ij->i", candidates, rows[query_of])
+        limits = limits.astype(np.int64)
+        query_of = np.repeat(np.arange(len(query_ids)), np.diff(limits))
+        # The correlation with a centred unit query q is raw . q / |raw - mean(raw)|: q sums to 0,
+        # so the candidates need not be centred (a few thousand rows at 1M: 14 ms of centring).
+        correlation = np.empty(len(positions), np.float32)
+        for q in range(len(query_ids)):
+            at = positions[limits[q] : limits[q + 1]]
+            correlation[limits[q] : limits[q + 1]] = (self.raw[at].astype(np.float32) @ rows[q]) / self.spread[at]
         keep = (correlation >= min_correlation) & (self.ids[positions] != query_ids[query_of])
         return query_ids[query_of][keep], self.ids[positions][keep], correlation[keep].astype(np.float32)
