@@ -220,21 +220,18 @@ def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:
 
 
 def _served_neighbours(index, pending: np.ndarray, progress: Progress) -> Pairs:
-    """A few images: their neighbours from the served index (its exact scores), no scan index."""
+    """A few images: their neighbours from the served index (its exact scores)."""
     a, b, cos = [], [], []
     vectors = np.stack([index.reconstruct(int(i)) for i in pending]) if len(pending) else None
-    done = 0
     for start in range(0, len(pending), 256):
         chunk = vectors[start : start + 256]
-        ids = pending[done : done + len(chunk)]
-        for image_id, hits in zip(ids, index.search(chunk, NEIGHBOURS + 1)):
+        for image_id, hits in zip(pending[start : start + 256], index.search(chunk, NEIGHBOURS + 1)):
             for hit in hits:
                 if hit.id != image_id and hit.score >= evidence.CANDIDATE_COSINE:
                     a.append(min(image_id, hit.id))
                     b.append(max(image_id, hit.id))
                     cos.append(min(hit.score, 1.0))
-        done += len(chunk)
-        progress("comparing", done, len(pending))
+        progress("comparing", start + len(chunk), len(pending))
     pairs = Pairs(np.array(a, np.int64), np.array(b, np.int64), np.array(cos, np.float32))
     return unique_pairs(pairs)
 
