@@ -36,6 +36,19 @@ SUBSET_MAX_BYTES = SUBSET_CACHE_BYTES // 4  # larger sets are scanned in place, 
 GATHER_ROWS = 1024
 
 
+FLOAT16_UNIT = 2.0**-11  # float16's relative rounding error (10-bit fraction, round to nearest)
+FLOAT16_SUBNORMAL = 2.0**-25  # its absolute rounding error below the normal range
+
+
+def float16_error(decoded: np.ndarray) -> np.ndarray:
+    """Per row of float16-decoded vectors: a bound on the L2 distance to the vectors they round.
+
+    Each component errs by at most u|x_i| + a, so |x - x'| <= u|x| + a sqrt(d) <= u(|x'| + |x - x'|)
+    + a sqrt(d), hence |x - x'| <= (u|x'| + a sqrt(d)) / (1 - u)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", decoded, decoded, dtype=np.float64))
+    return (FLOAT16_UNIT * norms + FLOAT16_SUBNORMAL * np.sqrt(decoded.shape[1])) / (1 - FLOAT16_UNIT)
+
+
 @dataclass(frozen=True)
 class _RowSubset:
     ids: np.ndarray  # the rows' ids, in row order

@@ -7,7 +7,9 @@ blocking follow the size), so the same product computed at index time (batches o
 a threshold could change its label. Every product is therefore computed in blocks of exactly
 `BLOCK` rows (the last one zero-padded), in float64, and rounded to float32; the activation runs in
 float64 on the same padded block. The stored score and the decision (`score >= threshold`) are that
-one float32 value.
+one float32 value. (One exception: a re-tag from an approximate index reads its float16 copy of
+the vectors; there the decisions are still those of the float32 vectors, see `fragile_rows`,
+and the other images' scores differ in the 4th or 5th digit.)
 """
 
 from __future__ import annotations
@@ -106,6 +108,30 @@ class Head:
         mask = probs >= self.score_floor
         mask[rows, top] = probs[rows, top] >= self.min_confidence
         return list(self.labels), mask, probs
+
+    def fragile_rows(self, probs: np.ndarray, input_error: np.ndarray) -> np.ndarray:
+        """Which rows' decisions could differ on the exact inputs, when each input row x' computed
+        here lies within `input_error[i]` (L2) of the exact one: (n,) bool.
+
+        Each logit then moves by at most |w_c| * input_error[i] (Cauchy-Schwarz). A sigmoid moves
+        by at most a quarter of that, so a binary or multi-label decision can flip only within that
+        band of its threshold. A softmax probability's log moves by at most twice the largest logit
+        bound, so a multi-class decision can flip only where the two likeliest labels are within
+        that ratio, or a probability lies that close to `min_confidence` or `score_floor`. The
+        1e-6 covers the float32 rounding of the scores."""
+        probs = np.asarray(probs, dtype=np.float64)
+        logit_bound = np.linalg.norm(self.weight.astype(np.float64), axis=1)[None, :] * input_error[:, None]
+        if self.kind in (BINARY, MULTILABEL):
+            thresholds = np.asarray(self.thresholds or [0.5] * probs.shape[1], dtype=np.float64)
+            return (np.abs(probs - thresholds) <= logit_bound / 4 + 1e-6).any(axis=1)
+        log_bound = 2 * logit_bound.max(axis=1, keepdims=True)
+        band = probs * np.exp(log_bound) * np.expm1(log_bound) + 1e-6
+        ordered = np.sort(probs, axis=1)
+        top, second = ordered[:, -1], ordered[:, -2] if probs.shape[1] > 1 else np.zeros(len(probs))
+        close_top = top <= second * np.exp(log_bound[:, 0]) + 1e-6
+        close_confidence = np.abs(top - self.min_confidence) <= band.max(axis=1)
+        close_floor = (np.abs(probs - self.score_floor) <= band).any(axis=1)
+        return close_top | close_confidence | close_floor
 
     def weights_blob(self) -> bytes:
         out = io.BytesIO()
