@@ -2,6 +2,7 @@
 
     python bench/teach.py                    # both parts: ~10 min on two cores
     python bench/teach.py --part learning    # active learning only (the shared photo sets)
+    python bench/teach.py --part learning --tasks shirt kangaroo --seeds 0 1   # a quick subset
     python bench/teach.py --part timing --sizes 10000 100000
 
 Active learning (targets: suggestions at least as good as random at every round, and at least 3
@@ -130,14 +131,17 @@ def run_learning(kind, names, x, y, seed: int, strategy: str) -> list[float]:
         labelled += picks
 
 
-def learning_part() -> dict:
+def learning_part(task_words: list[str] | None = None, seeds=SEEDS) -> dict:
+    """The tasks whose name contains one of `task_words` (all by default), over `seeds`."""
     path_to_row, vectors, _ = dataset_embeddings()
-    out = {"tasks": {}}
+    out = {"tasks": {}, "seeds": list(seeds)}
     for name, dataset, kind, positives in TASKS:
+        if task_words and not any(word in name for word in task_words):
+            continue
         x, y, names = task_data(dataset, kind, positives, path_to_row, vectors)
         curves = {strategy: [] for strategy in ("suggestions", "random")}
         started = time.perf_counter()
-        for seed in SEEDS:
+        for seed in seeds:
             for strategy in curves:
                 curves[strategy].append(run_learning(kind, names, x, y, seed, strategy))
         arrays = {s: np.array(c) for s, c in curves.items()}
@@ -197,7 +201,7 @@ def plot_learning(out: dict) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    fig.suptitle(f"Active learning vs random picks (held-out, mean ± std over {len(SEEDS)} seeds)")
+    fig.suptitle(f"Active learning vs random picks (held-out, mean ± std over {len(out['seeds'])} seeds)")
     fig.tight_layout()
     path = Path(__file__).resolve().parent / "out" / "teach_active_learning.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +268,7 @@ from indexer import store
 home, kind, positive, rows = sys.argv[1], sys.argv[2], sys.argv[3] or None, json.loads(sys.stdin.read())
 library = Library(Settings(home=home, model_cache=sys.argv[4]))
 library.tag_index()  # a server holds its postings: the new head's are swapped into them
+library.index()  # and its index, whose vectors the re-tag reads
 with library.sessions.begin() as session:
     ids = store.ids_by_path(session, [p for p, _ in rows])
     put_examples(session, "h-" + kind, kind, [(ids[p], labels) for p, labels in rows], positive=positive,
@@ -310,12 +315,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("learning", "timing", "both"), default="both")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--tasks", nargs="+", help="learning: only the tasks whose name contains one of these words")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="learning: these seeds only")
     args = parser.parse_args()
     load = machine_load()
     print(load_line(load))
     out = {"machine_load": load}
     if args.part in ("learning", "both"):
-        out["active_learning"] = learning_part()
+        out["active_learning"] = learning_part(args.tasks, args.seeds)
     if args.part in ("timing", "both"):
         out["timing"] = timing_part(args.sizes)
     print(f"results: {write_json('teach', out)}")

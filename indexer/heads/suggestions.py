@@ -49,7 +49,9 @@ DIVERSE_FRACTION = 1 / 4
 VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
 WRONG_SAMPLE = 8192  # candidates checked against the labelled examples, at most
 MAX_SUGGESTIONS = 100
-COVERAGE_UNTIL = 4  # multi-class: examples per label below which every pick is a coverage pick
+# Multi-class: examples per label below which every pick is a coverage pick (the low-budget regime
+# where TypiClust beats uncertainty; bench/teach.py: 4, then half uncertain, did worse up to 64).
+COVERAGE_UNTIL = 8
 COVERAGE_SAMPLE = 4096  # unlabelled images clustered for coverage picks, at most
 MAX_GROUPS = 256
 KMEANS_ITERATIONS = 10
@@ -160,7 +162,7 @@ def _with_head(picker: _Picker, head: Head, n: int, rng) -> None:
     margin = margins(head, probs)
     if head.kind == MULTICLASS:
         # Many labels, few examples of each: the groups no example covers teach the head more
-        # than its uncertain boundaries until every label has a few (bench/teach.py).
+        # than its uncertain boundaries until every label has several (bench/teach.py).
         per_label = len(picker.labelled.ids) / max(1, len(head.labels))
         n_coverage = n if per_label < COVERAGE_UNTIL else n // 2
         _coverage(picker, n_coverage, rng)
