@@ -30,7 +30,7 @@ def _scan(library, quiet: bool = False) -> None:
     from indexer.duplicates import scan
 
     with library.sessions() as session:
-        pending, _ = scan.pending_images(session)
+        pending = scan.pending_images(session).ids
     if not len(pending):
         return
     try:

@@ -191,11 +191,13 @@ class VectorIndex:
 
     # -- search --------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int, *, exact: bool = False) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, *, exact: bool = False, nprobe: int | None = None) -> list[list[Hit]]:
         """Top-k by cosine for each query row; fewer than k when the index holds fewer.
 
         Approximate layout: the segment's candidates re-ranked exactly, merged with the growing
-        segment's exact hits; `exact` scans every stored vector instead.
+        segment's exact hits; `exact` scans every stored vector instead. `nprobe`: lists probed
+        (default: the count tuned for the recall target), for callers that want only very close
+        neighbours, which lie in the query's nearest few lists.
         """
         k = min(k, len(self))
         if k <= 0:
@@ -211,7 +213,7 @@ class VectorIndex:
             else:
                 selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones)) if len(self.tombstones) else None
                 cand = self.ann.candidates(
-                    query[None], candidates_for(k + TIE_MARGIN, self.ann.rerank), self.ann.nprobe, selector
+                    query[None], candidates_for(k + TIE_MARGIN, self.ann.rerank), nprobe or self.ann.nprobe, selector
                 )
                 ann_hits = _rerank_hits(self.ann, query, cand[0], k + TIE_MARGIN)
             out.append(_merge(flat, ann_hits, k))

@@ -69,6 +69,36 @@ def test_codes_find_every_pair_an_exact_comparison_finds(signatures):
     np.testing.assert_allclose(np.sort(corr), np.sort(exact[q, c]), atol=1e-5)
 
 
+def test_the_low_frequency_bound_keeps_every_pair_at_the_correlation():
+    """The prefilter before the exact scores: an orthonormal projection, so no pair correlating
+    at COPY_SIGNATURE or more is dropped, even low-contrast ones barely above the cut."""
+    from indexer.duplicates.signature_codes import LOW_BASIS
+
+    np.testing.assert_allclose(LOW_BASIS @ LOW_BASIS.T, np.eye(len(LOW_BASIS)), atol=1e-5)
+    rng = np.random.default_rng(0)
+    base = rng.integers(118, 138, (400, 256)).astype(np.float64)  # low contrast: noise-like layouts
+    base[:200] = rng.integers(0, 256, (200, 256))
+    unit = centred(base)
+    # Partners at correlation just above the cut: unit rows plus a small orthogonal step.
+    step = rng.standard_normal(unit.shape)
+    # Half of the steps in the kept frequencies (the DC term aside): there the bound is tight.
+    step[::2] = rng.standard_normal((len(unit[::2]), len(LOW_BASIS) - 1)) @ LOW_BASIS[1:]
+    step -= step.mean(axis=1, keepdims=True)
+    step -= (step * unit).sum(axis=1, keepdims=True) * unit
+    step /= np.linalg.norm(step, axis=1, keepdims=True)
+    c = rng.uniform(evidence.COPY_SIGNATURE, 1.0, len(unit))[:, None]
+    partner = 128 + 800 * (c * unit + np.sqrt(1 - c**2) * step)
+    raw = np.clip(np.round(np.concatenate([base, partner])), 0, 255).astype(np.uint8)
+    ids = np.arange(len(raw), dtype=np.int64)
+    exact = centred(raw[400:]) @ centred(raw[:400]).T
+    codes = SignatureCodes.of(ids[:400], ids_fingerprint(ids[:400]), ids[:400], raw[:400])
+    a, b, _ = codes.close_pairs(ids[400:], raw[400:], evidence.COPY_SIGNATURE)
+    q, r = np.nonzero(exact >= evidence.COPY_SIGNATURE)
+    want = set(zip((q + 400).tolist(), r.tolist()))
+    assert len(want) >= 300  # most partners survived the rounding to uint8 above the cut
+    assert set(zip(a.tolist(), b.tolist())) == want
+
+
 def test_codes_notice_a_collection_changed_other_than_through_them(signatures):
     ids, raw = signatures
     base = ids[:-5]

@@ -49,7 +49,8 @@ def test_fragile_rows_hold_every_decision_an_input_error_can_change(kind):
     outputs = {BINARY: 1, MULTILABEL: 3, MULTICLASS: 4}[kind]
     dim, n = 32, 4000
     weight = (rng.standard_normal((outputs, dim)) * 3).astype(np.float32)
-    head = Head("h", kind, [f"l{j}" for j in range(max(outputs, 2))], weight, rng.standard_normal(outputs).astype(np.float32))
+    bias = rng.standard_normal(outputs).astype(np.float32)
+    head = Head("h", kind, [f"l{j}" for j in range(max(outputs, 2))], weight, bias)
     if kind != MULTICLASS:
         head.thresholds = [0.35] * outputs
     else:
