@@ -31,11 +31,20 @@ def pixel_signature(img: Image.Image) -> bytes:
 
 
 def centred(signatures: np.ndarray) -> np.ndarray:
+    return centred_with_spread(signatures)[0]
+
+
+def centred_with_spread(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each signature minus its mean, scaled to unit length; the length it had): zeros and 0
+    for a flat image (one colour), which has no layout to compare and matches nothing, itself
+    included."""
     x = signatures.astype(np.float32)
     x -= x.mean(axis=-1, keepdims=True)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    # A flat image (one colour) has no layout to compare: it matches nothing, itself included.
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 1e-3)
+    norms = np.sqrt(np.einsum("...i,...i->...", x, x))[..., None]  # np.linalg.norm: 8x slower here
+    flat = norms <= 1e-3
+    np.divide(x, norms, out=x, where=~flat)  # in place: a fresh array costs its page faults (1M: 0.9 s)
+    x[np.broadcast_to(flat, x.shape)] = 0.0
+    return x, np.where(flat, 0.0, norms)[..., 0]
 
 
 def similarity(query: bytes | None, candidates: Sequence[bytes | None]) -> np.ndarray:
