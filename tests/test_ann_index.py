@@ -372,17 +372,27 @@ def library_at(home: Path, model_cache: Path, **settings) -> Library:
     return Library(databases.home_settings(home, model_cache=model_cache, **settings))
 
 
+@pytest.fixture(scope="module")
+def approximate_home(tmp_path_factory, model_cache) -> tuple[Path, str]:
+    """A home past its threshold, imported once (the tests that read it change nothing): its
+    folder and the import's stderr."""
+    folder = tmp_path_factory.mktemp("approximate")
+    home = folder / "home"
+    env = base_env(home, model_cache, **SMALL_ANN)
+    proc = run_cli(["import", str(catalogue(folder, N_HOME, 0, "a")), "--home", str(home), "-q"], env)
+    assert proc.returncode == 0, proc.stderr
+    return home, proc.stderr
+
+
 @pytest.mark.storage
-def test_a_home_switches_at_its_threshold_and_serves_approximate_and_exact(tmp_path, model_cache):
+def test_a_home_switches_at_its_threshold_and_serves_approximate_and_exact(approximate_home, model_cache):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
-    home = tmp_path / "home"
+    home, imported = approximate_home
     env = base_env(home, model_cache, **SMALL_ANN)
-    proc = run_cli(["import", str(catalogue(tmp_path, N_HOME, 0, "a")), "--home", str(home), "-q"], env)
-    assert proc.returncode == 0, proc.stderr
-    assert "building an approximate index" in proc.stderr
+    assert "building an approximate index" in imported
     stats = run_cli(["stats", "--home", str(home)], env)
     assert stats.returncode == 0 and "measured recall@10" in stats.stdout + stats.stderr
     settings = databases.home_settings(home, model_cache=model_cache, ann_threshold=2000, compact_at=150)
@@ -404,6 +414,42 @@ def test_a_home_switches_at_its_threshold_and_serves_approximate_and_exact(tmp_p
     library = library_at(home, model_cache)
     assert_index_matches_db(library)
     library.close()
+
+
+@pytest.mark.storage
+def test_tags_from_the_approximate_index_are_the_stored_vectors_decisions(approximate_home, model_cache):
+    """A re-tag reads the index's float16 vectors and decides the images whose decision their
+    rounding could change again on the stored float32 ones (indexer/heads/tagging.py): every
+    decision is the database's, also for thresholds placed exactly on an image's score."""
+    from indexer import store
+    from indexer.heads.model import BINARY, Head
+    from indexer.heads.tagging import compute_tags
+
+    home, _ = approximate_home
+    served = library_at(home, model_cache, ann_threshold=2000, compact_at=150)
+    unloaded = library_at(home, model_cache, ann_threshold=2000, compact_at=150)  # reads the database
+    try:
+        assert served.index().layout == "ann"
+        with served.sessions() as session:
+            backbone_id = store.backbone_in_use(session).id
+            ids, vectors = (np.concatenate(parts) for parts in zip(*store.iter_vectors(session, backbone_id)))
+        rng = np.random.default_rng(2)
+        weight = (rng.standard_normal((1, DIM)) * 2).astype(np.float32)
+        head = Head("h", BINARY, ["no", "yes"], weight, np.zeros(1, np.float32))
+        exact = head.probabilities(vectors)[:, 0]
+        for row in rng.choice(len(ids), 6, replace=False):
+            head.thresholds = [float(exact[row])]  # the image's float16 score falls on either side
+            from_index = compute_tags(served, head, backbone_id)
+            from_database = compute_tags(unloaded, head, backbone_id)
+            assert from_index.rechecked > 0 and from_database.rechecked == 0
+            assert np.array_equal(from_index.ids, from_database.ids)
+            assert np.array_equal(from_index.label_index, from_database.label_index)
+            assert np.abs(from_index.scores - from_database.scores).max() < 1e-3
+            at = np.searchsorted(from_index.ids, ids[row])
+            assert from_index.labels[from_index.label_index[at]] == "yes"  # score >= threshold
+    finally:
+        served.close()
+        unloaded.close()
 
 
 @pytest.mark.storage

@@ -1,19 +1,15 @@
 """Re-tagging a collection from an approximate index's float16 vectors decides every image as its
-stored float32 vector does: the rounding bound holds, every decision it could change is caught,
-and a home on the approximate layout gets the same tags from its index as from its database."""
+stored float32 vector does: the rounding bound holds and every decision it could change is caught.
+(A home on the approximate layout getting the same tags from its index as from its database:
+tests/test_ann_index.py, whose approximate home it shares.)"""
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
 import pytest
-from faults.faultlib import base_env, run_cli
-from test_ann_index import SMALL_ANN, catalogue, library_at
-from test_import import DIM
 
-from indexer import store
 from indexer.heads.model import BINARY, MULTICLASS, MULTILABEL, Head
-from indexer.heads.tagging import compute_tags
 from indexer.vector_store import float16_error
 
 
@@ -72,37 +68,3 @@ def test_fragile_rows_hold_every_decision_an_input_error_can_change(kind):
         changed |= (now != decided).any(axis=1)
     assert changed.any()  # the error is large enough to change decisions...
     assert not (changed & ~fragile).any()  # ...and only where fragile_rows said it could
-
-
-@pytest.mark.storage
-def test_tags_from_the_approximate_index_are_the_stored_vectors_decisions(tmp_path, model_cache):
-    home = tmp_path / "home"
-    env = base_env(home, model_cache, **SMALL_ANN)
-    for name, n, seed in (("a", 2400, 0), ("b", 60, 1)):  # the second stays in the growing segment
-        proc = run_cli(["import", str(catalogue(tmp_path, n, seed, name)), "--home", str(home), "-q"], env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    library = library_at(home, model_cache, ann_threshold=2000, compact_at=150)
-    try:
-        with library.sessions() as session:
-            backbone_id = store.backbone_in_use(session).id
-            ids, vectors = (np.concatenate(parts) for parts in zip(*store.iter_vectors(session, backbone_id)))
-        rng = np.random.default_rng(2)
-        weight = (rng.standard_normal((1, DIM)) * 2).astype(np.float32)
-        head = Head("h", BINARY, ["no", "yes"], weight, np.zeros(1, np.float32))
-        exact = head.probabilities(vectors)[:, 0]
-        # Thresholds on an image's own exact score: its float16 score falls on either side.
-        on_threshold = rng.choice(len(ids), 12, replace=False)
-        for row in on_threshold:
-            head.thresholds = [float(exact[row])]
-            from_database = compute_tags(library, head, backbone_id)
-            assert library.index().layout == "ann" and library.index().growing == 60
-            from_index = compute_tags(library, head, backbone_id)
-            library.forget_index()
-            assert from_index.rechecked > 0 and from_database.rechecked == 0
-            assert np.array_equal(from_index.ids, from_database.ids)
-            assert np.array_equal(from_index.label_index, from_database.label_index)
-            assert np.abs(from_index.scores - from_database.scores).max() < 1e-3
-            at = np.searchsorted(from_index.ids, ids[row])
-            assert from_index.labels[from_index.label_index[at]] == "yes"  # score >= threshold
-    finally:
-        library.close()
