@@ -113,7 +113,9 @@ def update(
     started = time.perf_counter()
     report = ScanReport()
     with library.sessions() as session:
-        found = pending_images(session, images, signatures=images is not None)
+        # A few new images' signatures come with them (the bulk path reads every one anyway).
+        few_named = images is not None and len(images) <= SERVED_QUERIES_MAX
+        found = pending_images(session, images, signatures=few_named)
     index = library.index()
     pending, hashes = found.ids[index.holds(found.ids)], found.hashes  # a row without a vector: nothing to compare
     if len(pending):
@@ -208,7 +210,13 @@ def _raw_signatures(library, among: np.ndarray | None = None) -> tuple[np.ndarra
         for image_id, blob in result:
             if blob is not None and len(blob) == SIDE * SIDE:
                 found[int(image_id)] = blob
-    ids = np.array(sorted(found), np.int64)
+    return _signature_rows(found)
+
+
+def _signature_rows(found: dict[int, bytes], among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, uint8 rows) of the signatures in `found`, or of those of `among` there."""
+    ids = sorted(found) if among is None else [i for i in among.tolist() if i in found]
+    ids = np.array(ids, np.int64)
     raw = np.frombuffer(b"".join(found[i] for i in ids.tolist()), np.uint8).reshape(len(ids), SIDE * SIDE)
     return ids, raw
 
@@ -224,11 +232,7 @@ def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict
         keep = np.isin(ids, held, assume_unique=True) & ~np.isin(ids, pending, assume_unique=True)
         others = held[~np.isin(held, pending, assume_unique=True)]
         codes = library.duplicate_signatures = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep])
-    if signatures is None:
-        ids, raw = _raw_signatures(library, pending)
-    else:
-        ids = np.array([i for i in pending.tolist() if i in signatures], np.int64)
-        raw = np.frombuffer(b"".join(signatures[i] for i in ids.tolist()), np.uint8).reshape(len(ids), SIDE * SIDE)
+    ids, raw = _raw_signatures(library, pending) if signatures is None else _signature_rows(signatures, pending)
     a, b, corr = codes.close_pairs(ids, raw, evidence.COPY_SIGNATURE)
     codes.checked(pending, ids, raw, fingerprint)
     inside = index.holds(b)  # an entry of an image removed since is no candidate

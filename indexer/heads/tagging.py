@@ -146,10 +146,11 @@ class _TagRows:
         if not self.ids:
             empty = np.zeros(0, np.int64)
             return HeadTags(list(self.head.labels), empty, empty, np.zeros(0, np.float32))
-        ids = np.concatenate(self.ids)
-        order = np.argsort(ids, kind="stable")  # the re-decided images join their places
-        labels, scores = np.concatenate(self.labels)[order], np.concatenate(self.scores)[order]
-        return HeadTags(list(self.head.labels), ids[order], labels, scores, rechecked)
+        ids, labels, scores = np.concatenate(self.ids), np.concatenate(self.labels), np.concatenate(self.scores)
+        if rechecked:  # the re-decided images join their places; otherwise the blocks came in id order
+            order = np.argsort(ids, kind="stable")
+            ids, labels, scores = ids[order], labels[order], scores[order]
+        return HeadTags(list(self.head.labels), ids, labels, scores, rechecked)
 
 
 def _collection_vectors(library: Library, backbone_id: int):
