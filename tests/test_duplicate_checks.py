@@ -70,8 +70,9 @@ def test_codes_find_every_pair_an_exact_comparison_finds(signatures):
 
 
 def test_the_low_frequency_bound_keeps_every_pair_at_the_correlation():
-    """The prefilter before the exact scores: an orthonormal projection, so no pair correlating
-    at COPY_SIGNATURE or more is dropped, even low-contrast ones barely above the cut."""
+    """The candidate search before the exact scores: a ball in an orthonormal projection, so no
+    pair correlating at COPY_SIGNATURE or more is dropped, even low-contrast ones barely above
+    the cut."""
     from indexer.duplicates.signature_codes import LOW_BASIS
 
     np.testing.assert_allclose(LOW_BASIS @ LOW_BASIS.T, np.eye(len(LOW_BASIS)), atol=1e-5)
@@ -97,6 +98,34 @@ def test_the_low_frequency_bound_keeps_every_pair_at_the_correlation():
     want = set(zip((q + 400).tolist(), r.tolist()))
     assert len(want) >= 300  # most partners survived the rounding to uint8 above the cut
     assert set(zip(a.tolist(), b.tolist())) == want
+
+
+def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_is_rebuilt(signatures, monkeypatch):
+    """Checked images join a tail beside the k-d tree; past TAIL_MAX the tree is built again over
+    everything. Each check finds the copies among the rows held, wherever they sit."""
+    from indexer.duplicates import signature_codes
+
+    monkeypatch.setattr(signature_codes, "TAIL_MAX", 6)
+    ids, raw = signatures
+    late = np.isin(ids, np.arange(20)) | (ids >= 1000)  # photos 0-19 and their copies, one at a time
+    held = ids[~late]
+    codes = SignatureCodes.of(held, ids_fingerprint(held), held, raw[~late])
+    rebuilt = copies_found = 0
+    for photo in range(20):
+        for image_id in (photo, 1000 + photo):
+            row = slice(int(np.searchsorted(ids, image_id)), int(np.searchsorted(ids, image_id)) + 1)
+            tree = codes._tree
+            a, b, _ = codes.close_pairs(ids[row], raw[row], evidence.COPY_SIGNATURE)
+            rebuilt += codes._tree is not tree
+            inside = np.isin(ids, held)
+            exact = centred(raw[inside]) @ centred(raw[row])[0]
+            assert set(b.tolist()) == set(ids[inside][exact >= evidence.COPY_SIGNATURE].tolist())
+            assert set(a.tolist()) <= {image_id}
+            copies_found += image_id >= 1000 and photo in b
+            held = np.append(held, image_id)
+            codes.checked(ids[row], ids[row], raw[row], ids_fingerprint(held))
+    assert rebuilt >= 5  # the tail grew past 6 rows again and again
+    assert copies_found >= 8  # the re-encoded copies 1010-1019 match their photos, from the tail or the tree
 
 
 def test_codes_notice_a_collection_changed_other_than_through_them(signatures):
