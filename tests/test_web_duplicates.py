@@ -26,7 +26,7 @@ import pytest
 from PIL import Image, ImageOps
 from playwright.sync_api import Page
 from sqlalchemy import select
-from test_web import TIMEOUT_MS, Watched, snap, url_query, wait_for_grid, wait_for_images
+from web_page import Watched, snap, url_query, wait_for_grid, wait_for_images, watched_page
 
 import databases
 from conftest import SAMPLES
@@ -113,13 +113,7 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def watched(browser, server) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    watch = Watched(page, server)
-    yield watch
-    context.close()
-    watch.check()
+    yield from watched_page(browser, server, accept_downloads=True)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -22,17 +22,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Page
 from sqlalchemy import select
-from test_web import (
-    TIMEOUT_MS,
+from web_page import (
     Watched,
     facet_button,
     grid_ids,
     ids_of,
+    open_page,
     snap,
     url_query,
     wait_for_grid,
+    watched_page,
 )
 
 import databases
@@ -106,19 +107,9 @@ def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teach-screenshots")
 
 
-def open_page(browser: Browser, base: str, **context) -> tuple[Page, Watched]:
-    ctx = browser.new_context(**({"viewport": {"width": 1280, "height": 900}} | context))
-    ctx.set_default_timeout(TIMEOUT_MS)
-    page = ctx.new_page()
-    return page, Watched(page, base)
-
-
 @pytest.fixture
 def watched(browser, server) -> Iterator[Watched]:
-    page, watch = open_page(browser, server)
-    yield watch
-    page.context.close()
-    watch.check()
+    yield from watched_page(browser, server)
 
 
 # -- the API's answers -------------------------------------------------------------------------------
