@@ -33,6 +33,7 @@ from web_page import (
     facet_button,
     grid_ids,
     ids_of,
+    open_page,
     snap,
     url_query,
     wait_for_grid,
@@ -441,10 +442,7 @@ def test_keyboard_reaches_facets_and_results(watched, server, http, home):
 
 
 def test_phone_viewport(browser, server, http, home, shots):
-    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    watch = Watched(page, server)
+    page, watch = open_page(browser, server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     try:
         image_id = home.id_of(query_photo(home))
         page.goto(f"{server}/?similar={image_id}")
@@ -466,7 +464,7 @@ def test_phone_viewport(browser, server, http, home, shots):
         assert widths[0] <= widths[1], widths
         snap(page, shots, "08-phone-filters", full_page=False)
     finally:
-        context.close()
+        page.context.close()
     watch.check()
 
 
@@ -638,10 +636,7 @@ def mixed_server(home, tmp_path_factory) -> Iterator[tuple[str, set[int], list[i
 
 def test_imported_rows_show_a_labelled_tile_and_fetch_no_file(browser, mixed_server, shots):
     base, imported, indexed = mixed_server
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    watch = Watched(page, base)  # a thumbnail asked for and refused would be a console error
+    page, watch = open_page(browser, base)  # a thumbnail asked for and refused would be a console error
     asked: list[str] = []
     page.on("request", lambda request: asked.append(urlsplit(request.url).path))
     try:
@@ -674,7 +669,7 @@ def test_imported_rows_show_a_labelled_tile_and_fetch_no_file(browser, mixed_ser
         assert not page.locator("#detail-file").is_visible()
         page.wait_for_function("() => document.querySelectorAll('#detail-similar > li.card').length > 0")
     finally:
-        context.close()
+        page.context.close()
     watch.check()
     wanted = {f"/images/{i}/{what}" for i in imported for what in ("thumbnail", "file")}
     assert not wanted.intersection(asked), sorted(wanted.intersection(asked))
