@@ -130,6 +130,12 @@ class _Picker:
             return any(self.same_picture(image_id, other) for other in known)
         return False
 
+    def known_vectors(self) -> np.ndarray:
+        """The labelled images' vectors, then the picks' so far."""
+        if not self.rows:
+            return self.labelled.vectors
+        return np.concatenate([self.labelled.vectors, self.vectors[self.rows]])
+
     def take(self, row: int, reason: str, detail: str, *, allow_copies: bool = False) -> bool:
         if self.taken(row) or (not allow_copies and self.is_copy(row)):
             return False
@@ -197,9 +203,7 @@ def _coverage(picker: _Picker, count: int, rng) -> None:
     if count <= 0:
         return
     rows = _free_sample(picker, COVERAGE_SAMPLE, rng)
-    labelled = picker.labelled.vectors
-    if picker.rows:
-        labelled = np.concatenate([labelled, picker.vectors[picker.rows]])
+    labelled = picker.known_vectors()
     points = np.ascontiguousarray(np.concatenate([labelled, picker.vectors[rows]]), dtype=np.float32)
     groups = min(len(labelled) + count, MAX_GROUPS, len(points))
     if len(rows) == 0 or groups < 1:
@@ -255,9 +259,7 @@ def _probability_coverage(picker: _Picker, count: int, rng) -> None:
     rows = _free_sample(picker, COVERAGE_SAMPLE, rng)
     if not len(rows):
         return
-    known = picker.labelled.vectors
-    if picker.rows:
-        known = np.concatenate([known, picker.vectors[picker.rows]])
+    known = picker.known_vectors()
     vectors = picker.vectors[rows]
     sims = vectors @ vectors.T
     neighbour = min(len(rows) - 1, max(1, int(BALL_SHARE * len(rows) / (len(known) + count))))
