@@ -534,13 +534,19 @@ def _one_image(library, home: Path, late_x: np.ndarray, late_sigs: np.ndarray, n
     library.refresh()
     late_ids = _ids_in_order(library, "late", len(late_x), n)
     _write_signatures(library, late_ids, late_sigs)
-    seconds, linked = [], 0
-    with library.write_lock():
+
+    def check_each() -> tuple[list[float], int]:
+        """Seconds of each late image's check, and how many of them got a link."""
+        seconds, linked = [], 0
         for image_id in late_ids:
             started = time.perf_counter()
             report = scan.update(library, images=[int(image_id)])
             seconds.append(time.perf_counter() - started)
             linked += sum(report.links.values()) > 0
+        return seconds, linked
+
+    with library.write_lock():
+        seconds, linked = check_each()
         dirty_mib = _dirty_mib()
         os.sync()
         settled = []
@@ -548,10 +554,7 @@ def _one_image(library, home: Path, late_x: np.ndarray, late_sigs: np.ndarray, n
             with library.sessions.begin() as session:
                 late = [int(i) for i in late_ids]
                 session.execute(delete(DuplicateCheckRow).where(DuplicateCheckRow.image_id.in_(late)))
-            for image_id in late_ids:
-                started = time.perf_counter()
-                scan.update(library, images=[int(image_id)])
-                settled.append(time.perf_counter() - started)
+            settled += check_each()[0]
     # Before the in-memory codes: every signature read from the database, compared exactly.
     started = time.perf_counter()
     ids, raw = scan._raw_signatures(library)

@@ -10,9 +10,9 @@ from the database first takes seconds. Here they stay in memory from the first c
   and at 1M a query draws ~370 candidates (at most ~1,700), in ~0.5 ms;
 - the raw signatures beside them (256 bytes an image), which score those exactly.
 The tree (its own float64 copy of the coefficients: 128 bytes an image more) is built once
-(~1.4 s at 1M); images added later sit in a tail searched directly until
-it holds TAIL_MAX, when the tree is built again over everything. (Before the tree: a Hamming
-range search on the signs, which drew up to 97k candidates for low-contrast queries, 4.7 ms.)
+(~1.4 s at 1M); images added later sit in a tail searched directly until it holds TAIL_MAX, when
+the tree is built again over everything. (Before the tree: a Hamming range search on the signs,
+which drew up to 97k candidates for low-contrast queries, 4.7 ms.)
 
 Kept on the Library (and handed to the writers a server opens for uploads) and brought up to
 date at each check: the images being checked are added (an older entry of a changed image stays
