@@ -62,6 +62,9 @@ class Library:
         # Every image's pixel signature, for the duplicate check of a few new images (loaded by
         # the first one; indexer/duplicates/signature_codes.py).
         self.duplicate_signatures = None
+        # The exactly searched vectors, projected, for the same check below the approximate
+        # index's threshold (indexer/duplicates/embedding_codes.py).
+        self.duplicate_embeddings = None
 
     @property
     def index_dir(self) -> Path:

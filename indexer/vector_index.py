@@ -365,6 +365,14 @@ class VectorIndex:
                 out[~from_store] = flat_vecs[pick[~from_store] - len(store_ids)]
             yield all_ids[pick], out
 
+    def exact_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the exact segment in its row order, the vectors a read-only view of
+        FAISS's own array (valid until the next add or remove): appends go to the end, a removal
+        moves the rows after it."""
+        view = self._flat_vectors()
+        view.flags.writeable = False
+        return self._flat_ids(), view
+
     def growing_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         n = int(self._index.ntotal)
         if not n:

@@ -103,10 +103,10 @@ class SignatureCodes:
     def _reserve(self, need: int) -> None:
         if need > len(self.raw):  # grow by doubling: one new image at a time stays cheap
             size = max(need, 2 * len(self.raw), 1024)
-            self.raw = _grown(self.raw, self._count, size)
-            self.low = _grown(self.low, self._count, size)
-            self.ids = _grown(self.ids, self._count, size)
-            self.spread = _grown(self.spread, self._count, size)
+            self.raw = grown_rows(self.raw, self._count, size)
+            self.low = grown_rows(self.low, self._count, size)
+            self.ids = grown_rows(self.ids, self._count, size)
+            self.spread = grown_rows(self.spread, self._count, size)
 
     def _add(self, ids: np.ndarray, raw: np.ndarray) -> None:
         rows, spread = centred_with_spread(raw)
@@ -157,7 +157,7 @@ class SignatureCodes:
         return np.concatenate(a), np.concatenate(b), np.concatenate(corr)
 
 
-def _grown(array: np.ndarray, used: int, size: int) -> np.ndarray:
+def grown_rows(array: np.ndarray, used: int, size: int) -> np.ndarray:
     """A zeroed array of `size` rows holding the first `used` rows of `array`."""
     out = np.zeros((size, *array.shape[1:]), array.dtype)
     out[:used] = array[:used]

@@ -102,13 +102,15 @@ def delete_image(library: LibraryDep, image_id: ImageId) -> None:
 @contextmanager
 def _writer(library: Library) -> Iterator[Library]:
     writer = Library(library.settings, notify=library.notify)
-    # The duplicate check's in-memory signatures go to the writer and come back with its new
-    # image in them: loading them is ~0.3 s at 100k images, checking one image ~6 ms.
+    # The duplicate check's in-memory signatures (and projected vectors) go to the writer and come
+    # back with its new image in them: loading them is ~0.3 s at 100k images, checking one image ~6 ms.
     writer.duplicate_signatures = library.duplicate_signatures
+    writer.duplicate_embeddings = library.duplicate_embeddings
     try:
         yield writer
     finally:
         library.duplicate_signatures = writer.duplicate_signatures
+        library.duplicate_embeddings = writer.duplicate_embeddings
         writer.close()
 
 
