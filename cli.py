@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -869,6 +871,9 @@ _add_duplicates()
 
 
 def main() -> None:
+    # `kill -USR1 PID` prints where every thread of a running command is, to its stderr (a run
+    # that seems stuck; the kill-point tests ask it of a command that outlives its timeout).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ that runs ONNX Runtime or torch thread pools can deadlock the child.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import multiprocessing
 import os
@@ -132,6 +133,7 @@ def _known_hashes(path: str | None) -> frozenset[str]:
 
 def _init_worker() -> None:
     threading.Thread(target=_exit_with_parent, daemon=True).start()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a spawned decoder too: see cli.main
 
 
 def _exit_with_parent() -> None:

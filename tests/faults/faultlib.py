@@ -120,7 +120,16 @@ def run_cli(
             time.sleep(0.05)
     except subprocess.TimeoutExpired:
         lingering = _group_members(proc.pid) or [proc.pid]
-        out, err = "", f"timed out after {timeout} s"
+        # Where is it stuck? The command (and its forked decoders) print their threads' stacks
+        # on SIGUSR1 (cli.main); then the group is killed and its output read to the end.
+        try:
+            os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        err = f"timed out after {timeout} s, processes {lingering}; their stacks then:\n{err[-12000:]}"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -128,7 +137,7 @@ def run_cli(
             pass
         proc.wait()
     assert not lingering, (
-        f"{args[0]}: processes {lingering} outlived the command ({faults or 'no faults'}): {err[-500:]}"
+        f"{args[0]}: processes {lingering} outlived the command ({faults or 'no faults'}): {err[-12500:]}"
     )
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -1,4 +1,5 @@
-"""The fault-injection hook itself: parsing, counting, the three actions, and nothing when unset."""
+"""The fault-injection hook itself: parsing, counting, the three actions, and nothing when unset;
+and the harness's report of a command that outlives its timeout."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import signal
 import subprocess
 import sys
 
-from faultlib import REPO
+import pytest
+from faultlib import REPO, base_env, run_cli
+
+from live_server import free_port
 
 PROBE = """
 import errno
@@ -58,3 +62,14 @@ def test_a_malformed_spec_is_refused():
     for spec in ("a=kill", "a:0=kill", "a:x=kill", "a:1=explode"):
         proc = _probe(spec)
         assert proc.returncode == 1 and "LOOKALIKE_FAULTS" in proc.stderr, (spec, proc.stderr)
+
+
+def test_a_command_that_outlives_its_timeout_is_reported_with_its_threads_stacks(tmp_path, model_cache):
+    """A hang in a kill trial is caught by its timeout; the report says where each thread was
+    (SIGUSR1 to the group: cli.main registers faulthandler), so one failure is enough to fix it."""
+    env = base_env(tmp_path / "home", model_cache)
+    with pytest.raises(AssertionError) as failed:
+        run_cli(["serve", "--port", str(free_port())], env, timeout=15)
+    message = str(failed.value)
+    assert "timed out after 15 s" in message, message
+    assert "most recent call first" in message and "cli.py" in message, message
