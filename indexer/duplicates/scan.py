@@ -143,8 +143,8 @@ def _candidates(library, index, pending: np.ndarray, signatures, few: bool, prog
     `signatures`: the pending images' (by id), when read with them; `few`: few enough images to
     look up one by one in the served index (otherwise: a bulk self-join)."""
     if few:
-        # The two lookups side by side: both spend their time in FAISS, which lets go of the GIL
-        # (1M, one image: ~3 ms in the served index, ~4.5 ms in the signature codes).
+        # The two lookups side by side: both spend their time in FAISS, SciPy or NumPy, which let
+        # go of the GIL (1M, one image: 2-3 ms in the served index, ~1 ms in the signature codes).
         settings = library.settings
         with ThreadPoolExecutor(1, thread_name_prefix="duplicate-signatures") as beside:
             by_signature = beside.submit(
