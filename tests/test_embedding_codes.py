@@ -52,11 +52,22 @@ def test_the_ball_in_the_projection_holds_every_vector_at_the_cosine(collection)
     queries = np.arange(3000, 6000, 7)
     found_pairs = 0
     for row in queries:
-        got, cosine = codes.close(x[row], x, evidence.NEAR_COSINE)
+        _, got, cosine = codes.close(x[row], x, evidence.NEAR_COSINE)
         assert set(got.tolist()) == _brute_force(x, ids, x[row], evidence.NEAR_COSINE)
         assert np.allclose(cosine, x[np.searchsorted(ids, got)] @ x[row], atol=1e-6)
         found_pairs += len(got) > 1
     assert found_pairs >= 20  # planted near-copies above the threshold were among them
+
+
+def test_queries_in_blocks_find_what_each_query_alone_finds(collection, monkeypatch):
+    ids, x = collection
+    codes = EmbeddingCodes.of(ids, x)
+    rows = np.arange(3000, 6000, 11)
+    monkeypatch.setattr(embedding_codes, "QUERY_BLOCK", 16)  # several blocks, the last one short
+    which, got, cosine = codes.close(x[rows], x, evidence.NEAR_COSINE)
+    for at, row in enumerate(rows):
+        assert set(got[which == at].tolist()) == _brute_force(x, ids, x[row], evidence.NEAR_COSINE)
+    assert np.allclose(cosine, np.einsum("ij,ij->i", x[np.searchsorted(ids, got)], x[rows[which]]), atol=1e-6)
 
 
 def test_any_orthonormal_rows_keep_it_exact_and_the_main_directions_keep_it_small(collection):
@@ -70,7 +81,7 @@ def test_any_orthonormal_rows_keep_it_exact_and_the_main_directions_keep_it_smal
     inside = {"random": [], "main": []}
     for row in range(3000, 6000, 50):
         for name, codes in (("random", by_random), ("main", by_main)):
-            got, _ = codes.close(x[row], x, evidence.NEAR_COSINE)
+            _, got, _ = codes.close(x[row], x, evidence.NEAR_COSINE)
             assert set(got.tolist()) == _brute_force(x, ids, x[row], evidence.NEAR_COSINE)
             code = codes.basis @ x[row]
             distance = codes.squares - 2 * codes.codes[: len(codes)] @ code + code @ code
@@ -98,14 +109,14 @@ def test_codes_follow_the_exact_segment_as_it_grows_and_notice_a_removal(collect
     codes.synced(rows_ids, vectors, ids[4000:4001])
     assert len(codes) == len(ids)
     query = x[5000]
-    got, _ = codes.close(query, vectors, evidence.NEAR_COSINE)
+    _, got, _ = codes.close(query, vectors, evidence.NEAR_COSINE)
     assert set(got.tolist()) == _brute_force(x, ids, query, evidence.NEAR_COSINE) and ids[5000] in got
     # An image changed in place (its vector replaced where it sits): projected again when checked.
     changed = _unit(x[12:13] + x[5000:5001] * 8)
     vectors_copy = np.array(vectors)
     vectors_copy[12] = changed[0]
     codes.synced(rows_ids, vectors_copy, ids[12:13])
-    got, _ = codes.close(changed[0], vectors_copy, evidence.NEAR_COSINE)
+    _, got, _ = codes.close(changed[0], vectors_copy, evidence.NEAR_COSINE)
     assert ids[12] in got and ids[5000] in got
     # A removal moves the rows after it: the codes no longer follow.
     index.remove([int(ids[10])])

@@ -31,6 +31,7 @@ OVERSAMPLE = 16  # extra directions drawn by the range finder (its accuracy: Hal
 POWER_STEPS = 2
 SAMPLE = 4096  # rows the directions are found on
 SLACK = 1e-4  # on the squared radius: float32 rounding of codes and products
+QUERY_BLOCK = 64  # queries whose distances to every row are taken at once: 100k x 64 floats
 
 
 class EmbeddingCodes:
@@ -80,16 +81,30 @@ class EmbeddingCodes:
             self.ids[self._count : need] = ids
         self._count = need
 
-    def close(self, query: np.ndarray, vectors: np.ndarray, min_cosine: float) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, cosines) of every row at `min_cosine` or more from the unit `query`, scored on
-        the segment's `vectors` (the rows these codes follow)."""
-        code = self.basis @ query
-        # |x - q|^2 = |x|^2 - 2 x.q + |q|^2 in the projection: at most the full distance.
-        distance = self.squares[: self._count] - 2.0 * (self.codes[: self._count] @ code) + float(code @ code)
-        rows = np.flatnonzero(distance <= 2.0 * (1.0 - min_cosine) + SLACK)
-        cosine = vectors[rows] @ query
-        keep = cosine >= min_cosine
-        return self.ids[rows[keep]], cosine[keep]
+    def close(
+        self, queries: np.ndarray, vectors: np.ndarray, min_cosine: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query row, id, cosine) of every row at `min_cosine` or more from each unit query,
+        scored on the segment's `vectors` (the rows these codes follow)."""
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        radius = 2.0 * (1.0 - min_cosine) + SLACK  # squared
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for start in range(0, len(queries), QUERY_BLOCK):
+            block = queries[start : start + QUERY_BLOCK]
+            code = block @ self.basis.T
+            # |x - q|^2 = |x|^2 - 2 x.q + |q|^2 in the projection: at most the full distance.
+            distance = self.codes[: self._count] @ code.T
+            distance *= -2.0
+            distance += self.squares[: self._count, None]
+            distance += np.einsum("ij,ij->i", code, code)[None, :]
+            rows, which = np.nonzero(distance <= radius)
+            cosine = np.einsum("ij,ij->i", vectors[rows], block[which])
+            keep = cosine >= min_cosine
+            found.append((start + which[keep], self.ids[rows[keep]], cosine[keep]))
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        which, ids, cosine = (np.concatenate(parts) for parts in zip(*found))
+        return which, ids, cosine
 
 
 def main_directions(vectors: np.ndarray, rng_seed: int = 0) -> np.ndarray:

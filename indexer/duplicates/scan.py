@@ -35,7 +35,6 @@ from indexer.duplicates.neighbours import (
     NPROBE,
     Pairs,
     close_pairs,
-    empty_pairs,
     served_centroids,
     trained_centroids,
     unique_pairs,
@@ -289,16 +288,13 @@ def _projected_neighbours(library, index, pending: np.ndarray) -> Pairs:
         codes = library.duplicate_embeddings = EmbeddingCodes.of(ids, vectors)
     else:
         codes.synced(ids, vectors, pending)
-    a, b, cos = [], [], []
-    for image_id in pending.tolist():
-        near, cosine = codes.close(index.reconstruct(image_id), vectors, evidence.NEAR_COSINE)
-        others = near != image_id
-        a.append(np.minimum(near[others], image_id))
-        b.append(np.maximum(near[others], image_id))
-        cos.append(np.minimum(cosine[others], 1.0))
-    if not a:
-        return empty_pairs()
-    return unique_pairs(Pairs(np.concatenate(a), np.concatenate(b), np.concatenate(cos).astype(np.float32)))
+    queries = np.stack([index.reconstruct(int(i)) for i in pending])
+    which, near, cosine = codes.close(queries, vectors, evidence.NEAR_COSINE)
+    asking = pending[which]
+    others = near != asking
+    asking, near = asking[others], near[others]
+    pairs = Pairs(np.minimum(asking, near), np.maximum(asking, near), np.minimum(cosine[others], 1.0))
+    return unique_pairs(pairs)
 
 
 def _classified(library, pairs: Pairs) -> list[dict]:
