@@ -69,7 +69,7 @@ def test_a_command_that_outlives_its_timeout_is_reported_with_its_threads_stacks
     (SIGUSR1 to the group: cli.main registers faulthandler), so one failure is enough to fix it."""
     env = base_env(tmp_path / "home", model_cache)
     with pytest.raises(AssertionError) as failed:
-        run_cli(["serve", "--port", str(free_port())], env, timeout=15)
+        run_cli(["serve", "--port", str(free_port())], env, timeout=8)
     message = str(failed.value)
-    assert "timed out after 15 s" in message, message
+    assert "timed out after 8 s" in message, message
     assert "most recent call first" in message and "cli.py" in message, message
