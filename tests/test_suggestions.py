@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.heads.model import MULTICLASS, Head
+from indexer.heads.model import BINARY, MULTICLASS, Head
 from indexer.heads.suggestions import Labelled, suggest
 
 
@@ -34,3 +34,67 @@ def test_a_multiclass_head_with_few_examples_covers_each_unlabelled_group_once()
     picked_groups = [int(groups[p.image_id]) for p in picks]
     assert sorted(picked_groups) == [1, 3, 4, 5], picked_groups
     assert all("unlabelled images" in p.detail for p in picks)
+
+
+def _binary_scene(seed: int = 0):
+    """Unit vectors in 16-d: the head's score rises along axis 0; four kinds of image along axes
+    1-4. Near the boundary lie images of every kind, but the closest of them all of kind 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind in range(4):
+        if kind == 0:
+            band = rng.uniform(-0.02, 0.02, 10)
+        else:
+            band = rng.choice([-1, 1], 10) * rng.uniform(0.06, 0.2, 10)
+        for side in np.concatenate([rng.uniform(-1, -0.3, 40), rng.uniform(0.3, 1, 40), band]):
+            v = 0.05 * rng.standard_normal(16)
+            v[0] = side
+            v[1 + kind] += 1.0
+            rows.append(v)
+    vectors = np.array(rows, np.float32)
+    kinds = np.repeat(np.arange(4), 90)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), kinds
+
+
+def _binary_head() -> Head:
+    weight = np.zeros((1, 16), np.float32)
+    weight[0, 0] = 8.0
+    return Head("h", BINARY, ["no", "yes"], weight, np.zeros(1, np.float32), thresholds=[0.5])
+
+
+def test_binary_picks_are_uncertain_and_differ_from_each_other():
+    """The gradient seeding takes uncertain images of every kind, where the least certain eight
+    alone would all be of one kind."""
+    vectors, kinds = _binary_scene()
+    scores = 1 / (1 + np.exp(-8 * vectors[:, 0]))
+    least_certain = np.argsort(np.abs(scores - 0.5))[:8]
+    assert len(set(kinds[least_certain].tolist())) == 1
+    labelled_rows = np.array([0, 45, 90, 135])  # two of each side
+    labelled = Labelled(labelled_rows, vectors[labelled_rows], [["no"], ["yes"], ["no"], ["yes"]])
+    candidates = np.setdiff1d(np.arange(len(vectors)), labelled_rows)
+    picks = suggest(_binary_head(), labelled, candidates, vectors[candidates], 8, seed=0)
+    assert len({p.image_id for p in picks}) == 8 and not {p.image_id for p in picks} & set(labelled_rows.tolist())
+    assert len(set(kinds[[p.image_id for p in picks]].tolist())) >= 3
+    in_band = np.abs(scores[[p.image_id for p in picks]] - 0.5) < 0.35  # the boundary's 40 of 356
+    assert in_band.sum() >= 6, in_band  # random picks would take one or two
+    assert {p.reason for p in picks} <= {"uncertain", "likely wrong", "diverse"} and all(p.detail for p in picks)
+    again = suggest(_binary_head(), labelled, candidates, vectors[candidates], 8, seed=0)
+    assert [p.image_id for p in again] == [p.image_id for p in picks]  # one seed, one answer
+
+
+def test_a_binary_pick_its_nearest_examples_contradict_is_called_likely_wrong():
+    vectors, _ = _binary_scene()
+    doubt = np.zeros(16, np.float32)
+    doubt[0], doubt[5] = 0.001, 1.0  # scored 0.5+: decided "yes", the least certain of all
+    near = np.tile(doubt, (3, 1)) + np.random.default_rng(1).normal(0, 0.02, (3, 16)).astype(np.float32)
+    near[:, 0] = -0.3  # three examples beside it, labelled "no"
+    vectors = np.vstack([vectors, doubt[None], near])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    doubt_row = len(vectors) - 4
+    labelled_rows = np.array([45, 135, *range(len(vectors) - 3, len(vectors))])
+    labelled = Labelled(labelled_rows, vectors[labelled_rows], [["yes"], ["yes"], ["no"], ["no"], ["no"]])
+    candidates = np.setdiff1d(np.arange(len(vectors)), labelled_rows)
+    picks = suggest(_binary_head(), labelled, candidates, vectors[candidates], 4, seed=0)
+    first = picks[0]
+    assert first.image_id == doubt_row and first.reason == "likely wrong", picks
+    assert "tagged 'yes', but its 3 nearest examples are labelled 'no'" in first.detail
