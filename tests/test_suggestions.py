@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.heads.model import BINARY, MULTICLASS, Head
-from indexer.heads.suggestions import Labelled, suggest
+from indexer.heads.model import BINARY, MULTICLASS, MULTILABEL, Head
+from indexer.heads.suggestions import Labelled, fast_probabilities, suggest
 
 
 def clusters(sizes: list[int], dim: int = 32, spread: float = 0.3, seed: int = 0):
@@ -98,3 +98,25 @@ def test_a_binary_pick_its_nearest_examples_contradict_is_called_likely_wrong():
     first = picks[0]
     assert first.image_id == doubt_row and first.reason == "likely wrong", picks
     assert "tagged 'yes', but its 3 nearest examples are labelled 'no'" in first.detail
+
+
+def test_a_multilabel_head_gets_uncertain_picks_that_differ_from_each_other():
+    """Several labels, several thresholds: the gradient of each label enters the seeding."""
+    vectors, kinds = clusters([60, 60, 60, 60], dim=16, spread=0.4, seed=3)
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((3, 16)).astype(np.float32) * 3
+    head = Head("m", MULTILABEL, ["a", "b", "c"], weight, np.zeros(3, np.float32), thresholds=[0.5, 0.3, 0.7])
+    labelled_rows = np.array([0, 1, 60, 61, 120, 180])
+    labelled = Labelled(labelled_rows, vectors[labelled_rows], [["a"], ["a", "b"], [], ["c"], ["b"], ["a", "c"]])
+    candidates = np.setdiff1d(np.arange(len(vectors)), labelled_rows)
+    picks = suggest(head, labelled, candidates, vectors[candidates], 6, seed=2)
+    ids = [p.image_id for p in picks]
+    assert len(set(ids)) == 6 and not set(ids) & set(labelled_rows.tolist())
+    assert {p.reason for p in picks} <= {"uncertain", "likely wrong", "diverse"} and all(p.detail for p in picks)
+    assert len(set(kinds[ids].tolist())) >= 3
+    # Picks carry long gradients: what labelling them as decided now would change the most.
+    probs = fast_probabilities(head, vectors[candidates])  # as suggest scores them
+    gradient = probs - (probs >= np.array([0.5, 0.3, 0.7], np.float32))
+    length = (gradient**2).sum(axis=1)
+    assert ids[0] == candidates[np.argmax(length)]  # the seeding starts from the longest
+    assert np.median(length[np.searchsorted(candidates, ids)]) > np.median(length)
