@@ -1,6 +1,6 @@
 """Teaching heads by examples: active learning against random picks, and the time to train and re-tag.
 
-    python bench/teach.py                    # both parts: ~12 min on two cores
+    python bench/teach.py                    # both parts: ~13 min on two cores (learning: 5 min)
     python bench/teach.py --part learning    # active learning only (the shared photo sets)
     python bench/teach.py --part learning --tasks shirt kangaroo --seeds 0 1   # a quick subset
     python bench/teach.py --part timing --sizes 10000 100000
