@@ -50,7 +50,7 @@ from indexer.near_duplicates import MATCH, similarity
 NEAR_COPY = 0.97  # cosine from which two images count as the same picture for labelling
 UNCERTAIN_POOL = 20  # times n: the least certain candidates the uncertain picks are spread over
 VOTERS = 3  # nearest labelled examples consulted for `likely wrong`
-WRONG_SAMPLE = 8192  # candidates sampled for `diverse` picks, at most
+UNIFORM_SAMPLE = 8192  # candidates drawn uniformly: kept when a collection is reduced, and for `diverse` picks
 GRADIENT_CANDIDATES = 16_384  # binary and multi-label: candidates the seeding draws from, at most
 MAX_SUGGESTIONS = 100
 # Multi-class: examples per label below which every pick is a coverage pick (the low-budget regime
@@ -287,9 +287,7 @@ def _gradient_seeding(picker: _Picker, head: Head, probs: np.ndarray, margin: np
     drawn with probability proportional to its squared distance from the nearest pick so far."""
     if count <= 0:
         return
-    rows = np.array([r for r in range(len(picker.ids)) if not picker.taken(r)], dtype=np.int64)
-    if len(rows) > GRADIENT_CANDIDATES:
-        rows = np.sort(rng.choice(rows, GRADIENT_CANDIDATES, replace=False))
+    rows = _free_sample(picker, GRADIENT_CANDIDATES, rng)
     if not len(rows):
         return
     thresholds = np.asarray(head.thresholds or [0.5] * probs.shape[1], dtype=np.float32)
@@ -297,15 +295,15 @@ def _gradient_seeding(picker: _Picker, head: Head, probs: np.ndarray, margin: np
     lengths = np.einsum("ij,ij->i", s, s)
     x = picker.vectors[rows]
     least_certain = set(np.argsort(margin, kind="stable")[: max(UNCERTAIN_POOL * count, 200)].tolist())
-    wrong = _disagreements(picker, head, probs, rows) if len(picker.labelled.ids) >= VOTERS else {}
     nearest = np.full(len(rows), np.inf, dtype=np.float64)
     tried = np.zeros(len(rows), dtype=bool)
     at, taken = int(np.argmax(lengths)), 0
     while taken < count:
         tried[at] = True
         row = int(rows[at])
-        if row in wrong:
-            reason, detail = "likely wrong", wrong[row]
+        contradicted = _contradiction(picker, head, probs, row)
+        if contradicted:
+            reason, detail = "likely wrong", contradicted
         elif row in least_certain:
             reason, detail = "uncertain", _uncertainty_detail(head, float(margin[row]))
         else:
@@ -324,26 +322,22 @@ def _gradient_seeding(picker: _Picker, head: Head, probs: np.ndarray, margin: np
         at = int(rng.choice(len(rows), p=weights / total))
 
 
-def _disagreements(picker: _Picker, head: Head, probs, rows: np.ndarray) -> dict[int, str]:
-    """Candidate rows whose decision disagrees with all of their VOTERS nearest labelled
-    examples (which agree among themselves), with what to say of each."""
+def _contradiction(picker: _Picker, head: Head, probs: np.ndarray, row: int) -> str | None:
+    """What to say of candidate `row` when its decision disagrees with all of its VOTERS nearest
+    labelled examples (which agree among themselves); None otherwise."""
     labelled = picker.labelled
-    out = {}
-    for start in range(0, len(rows), WRONG_SAMPLE):
-        part = rows[start : start + WRONG_SAMPLE]
-        sims = picker.vectors[part] @ labelled.vectors.T
-        nearest = np.argsort(-sims, axis=1)[:, :VOTERS]
-        for at, (row, tags) in enumerate(zip(part, head.decide(probs[part]))):
-            predicted = sorted(label for label, _ in tags)
-            voters = [sorted(_known(head, labelled.labels[j])) for j in nearest[at]]
-            if all(v != predicted for v in voters) and all(v == voters[0] for v in voters):
-                example = nearest[at, 0]
-                out[int(row)] = (
-                    f"tagged {_names(predicted)}, but its {VOTERS} nearest examples are labelled "
-                    f"{_names(voters[0])} (closest: image {int(labelled.ids[example])}, "
-                    f"similarity {float(sims[at, example]):.2f})"
-                )
-    return out
+    if len(labelled.ids) < VOTERS:
+        return None
+    sims = labelled.vectors @ picker.vectors[row]
+    nearest = np.argsort(-sims)[:VOTERS]
+    predicted = sorted(label for label, _ in head.decide(probs[row : row + 1])[0])
+    voters = [sorted(_known(head, labelled.labels[j])) for j in nearest]
+    if any(v == predicted for v in voters) or any(v != voters[0] for v in voters):
+        return None
+    return (
+        f"tagged {_names(predicted)}, but its {VOTERS} nearest examples are labelled {_names(voters[0])} "
+        f"(closest: image {int(labelled.ids[nearest[0]])}, similarity {float(sims[nearest[0]]):.2f})"
+    )
 
 
 def _known(head: Head, labels: list[str]) -> list[str]:
@@ -397,7 +391,7 @@ def _diverse(picker: _Picker, count: int, rng, *, allow_copies: bool = False) ->
     """Farthest-first from everything labelled or picked, over a sample of the candidates."""
     if count <= 0:
         return
-    rows = _free_sample(picker, WRONG_SAMPLE, rng)
+    rows = _free_sample(picker, UNIFORM_SAMPLE, rng)
     if not len(rows):
         return
     vectors = picker.vectors[rows]
@@ -505,12 +499,12 @@ def _reduced_candidates(index, head: Head, labelled: Labelled, n: int, allowed, 
         margin = margins(head, fast_probabilities(head, chunk))
         # The chunk's least certain rows, and a uniform sample: a key per row, the smallest kept.
         uncertain = np.argsort(margin, kind="stable")[:pool]
-        sample = np.argsort(rng.random(len(chunk_ids)))[:WRONG_SAMPLE]
+        sample = np.argsort(rng.random(len(chunk_ids)))[:UNIFORM_SAMPLE]
         rows = np.union1d(uncertain, sample)
         kept_ids.append(chunk_ids[rows])
         kept_vectors.append(chunk[rows])
         kept_margins.append(margin[rows])
-        if sum(len(i) for i in kept_ids) > 4 * (pool + WRONG_SAMPLE):
+        if sum(len(i) for i in kept_ids) > 4 * (pool + UNIFORM_SAMPLE):
             kept_ids, kept_vectors, kept_margins = _trim(kept_ids, kept_vectors, kept_margins, pool, rng)
     if not kept_ids:
         return np.zeros(0, dtype=np.int64), np.zeros((0, index.dim), dtype=np.float32)
@@ -522,7 +516,7 @@ def _trim(ids, vectors, margin_parts, pool: int, rng):
     """Merge the chunks kept so far: the `pool` least certain overall, and a sample of the rest."""
     ids, vectors, margin = np.concatenate(ids), np.concatenate(vectors), np.concatenate(margin_parts)
     uncertain = np.argsort(margin, kind="stable")[:pool]
-    sample = rng.choice(len(ids), min(WRONG_SAMPLE, len(ids)), replace=False)
+    sample = rng.choice(len(ids), min(UNIFORM_SAMPLE, len(ids)), replace=False)
     rows = np.union1d(uncertain, sample)
     return [ids[rows]], [vectors[rows]], [margin[rows]]
 
@@ -532,7 +526,7 @@ def _near_candidates(index, labelled: Labelled, n: int, allowed):
     if not len(labelled.ids):  # nothing labelled yet: a sample of the collection, to pick diverse ones
         all_ids = index.ids()
         keep = _unlabelled(all_ids, labelled, allowed)
-        chosen = np.sort(np.random.default_rng(0).permutation(all_ids[keep])[:WRONG_SAMPLE])
+        chosen = np.sort(np.random.default_rng(0).permutation(all_ids[keep])[:UNIFORM_SAMPLE])
         return chosen, _index_vectors(index, chosen)
     want = max(4 * n, 20) + len(labelled.ids)
     found: set[int] = set()
