@@ -146,12 +146,15 @@ def learning_part(task_words: list[str] | None = None, seeds=SEEDS) -> dict:
         for seed in seeds:
             for strategy in curves:
                 curves[strategy].append(run_learning(kind, names, x, y, seed, strategy))
+        # What labelling the whole pool reaches: the most any choice of labels could gain.
+        whole_pool = [held_out_score(kind, names, x, y, *split(y, seed), seed)[0] for seed in seeds]
         arrays = {s: np.array(c) for s, c in curves.items()}
         rounds = arrays["random"].shape[1]
         sizes = [START_PER_LABEL * len(names) + ROUND * r for r in range(rounds)]
         sizes = [min(s, LAST) for s in sizes]
         gain = arrays["suggestions"].mean(axis=0) - arrays["random"].mean(axis=0)
         late = gain[2:7] if rounds > 2 else gain
+        random_late = arrays["random"].mean(axis=0)[2:7] if rounds > 2 else arrays["random"].mean(axis=0)
         task = {
             "type": kind,
             "labels": len(names),
@@ -163,6 +166,8 @@ def learning_part(task_words: list[str] | None = None, seeds=SEEDS) -> dict:
             "random_std": arrays["random"].std(axis=0).round(4).tolist(),
             "gain_points": (100 * gain).round(2).tolist(),
             "mean_gain_rounds_2_6_points": round(float(100 * late.mean()), 2),
+            "whole_pool_mean": round(float(np.mean(whole_pool)), 4),
+            "headroom_rounds_2_6_points": round(float(100 * (np.mean(whole_pool) - random_late.mean())), 2),
             "seconds": round(time.perf_counter() - started, 1),
         }
         out["tasks"][name] = task
@@ -171,14 +176,21 @@ def learning_part(task_words: list[str] | None = None, seeds=SEEDS) -> dict:
         print("  suggestions  " + " ".join(f"{v:6.3f}" for v in task["suggestions_mean"]))
         print("  random       " + " ".join(f"{v:6.3f}" for v in task["random_mean"]))
         print("  gain (pts)   " + " ".join(f"{v:6.1f}" for v in task["gain_points"]))
+        print(
+            f"  mean gain, rounds 2-6: {task['mean_gain_rounds_2_6_points']:+.1f} points; whole pool labelled: "
+            f"{task['whole_pool_mean']:.3f}, {task['headroom_rounds_2_6_points']:.1f} points over random (headroom)"
+        )
     # Rounds counted from 0 (the start): rounds 2-6 are the 2nd to 6th rounds of labels.
     never_worse = all(min(t["gain_points"][1:]) >= -0.5 for t in out["tasks"].values())
     mean_gain = float(np.mean([t["mean_gain_rounds_2_6_points"] for t in out["tasks"].values()]))
     out["never_worse_than_random"] = never_worse
     out["mean_gain_rounds_2_6_points"] = round(mean_gain, 2)
+    headroom = float(np.mean([t["headroom_rounds_2_6_points"] for t in out["tasks"].values()]))
+    out["mean_headroom_rounds_2_6_points"] = round(headroom, 2)
     print(
         f"\nsuggestions never below random (by more than 0.5 pt) after the start: {never_worse}; "
-        f"mean gain over rounds 2-6: {mean_gain:.1f} points (target >= {TARGET_POINTS})"
+        f"mean gain over rounds 2-6: {mean_gain:.1f} points (target >= {TARGET_POINTS}); "
+        f"headroom (whole pool labelled, over random): {headroom:.1f} points"
     )
     plot_learning(out)
     return out

@@ -22,7 +22,7 @@ import cli
 import databases
 from conftest import SAMPLES
 from indexer.filters import TagIndex
-from indexer.heads import tagging
+from indexer.heads import suggestions, tagging
 from indexer.heads.examples import put_examples
 from indexer.heads.tagging import backbone_id_of
 from indexer.heads.teach import train_from_examples
@@ -204,16 +204,47 @@ def test_suggestions_come_from_the_unlabelled_images_with_their_reasons(home, cl
     assert len(before) == 6 and {s["reason"] for s in before} == {"near examples"}
     assert not {s["image_id"] for s in before} & set(examples)
     assert client.post("/heads/pick/train").status_code == 200
+    # A head on four examples: the two images nearest the shoes, then coverage picks (its doubts
+    # say little yet).
+    cold = client.get("/heads/pick/suggestions", params={"n": 12}).json()["suggestions"]
+    ids = [s["image_id"] for s in cold]
+    assert len(ids) == 12 == len(set(ids)) and not set(ids) & set(examples)
+    assert [s["reason"] for s in cold] == ["near examples"] * 2 + ["diverse"] * 10 and all(s["detail"] for s in cold)
+    assert set(ids[:2]) <= set(home.ids("shoes", 8)), cold
+    # Six shoes and eight others: uncertain picks, and the two images nearest the shoes (the rarer label).
+    examples |= {i: ["shoes"] for i in home.ids("shoes", 4, start=2)}
+    examples |= {i: ["other"] for i in home.ids("skirt", 2, start=2) + home.ids("hat", 2) + home.ids("pants", 2)}
+    assert put(client, "pick", "binary", examples, positive="shoes").status_code == 200
+    assert client.post("/heads/pick/train").status_code == 200
     after = client.get("/heads/pick/suggestions", params={"n": 12}).json()["suggestions"]
     ids = [s["image_id"] for s in after]
     assert len(ids) == 12 == len(set(ids)) and not set(ids) & set(examples)
-    assert {s["reason"] for s in after} <= {"uncertain", "likely wrong", "diverse"}
+    assert {s["reason"] for s in after} <= {"uncertain", "likely wrong", "diverse", "near examples"}
     assert "uncertain" in {s["reason"] for s in after} and all(s["detail"] for s in after)
+    near = [s["image_id"] for s in after if s["reason"] == "near examples"]
+    assert sorted(near) == sorted(home.ids("shoes", 2, start=6)), after
     tags = db_tags(home.settings, "pick")
     filtered = client.get("/heads/pick/suggestions", params={"n": 5, "tag": "pick:shoes"}).json()["suggestions"]
     assert filtered and all(tags[s["image_id"]][0][0] == "shoes" for s in filtered)
     assert client.get("/heads/nope/suggestions").status_code == 404
     assert client.get("/heads/pick/suggestions", params={"n": 0}).status_code == 422
+
+
+def test_a_rare_labels_nearest_images_are_suggested_from_a_collection_larger_than_the_sample(home, client, monkeypatch):
+    """A large collection is reduced to its least certain images and a uniform sample before
+    picking; the images nearest the rarer label's examples are added to those, or a sample would
+    miss them. Here the reduction is shrunk to 12 of the 66 unlabelled images."""
+    monkeypatch.setattr(suggestions, "UNIFORM_SAMPLE", 8)
+    monkeypatch.setattr(suggestions, "MIN_UNCERTAIN_POOL", 4)
+    monkeypatch.setattr(suggestions, "UNCERTAIN_POOL", 1)
+    others = home.ids("skirt", 4) + home.ids("hat", 2) + home.ids("pants", 2)
+    examples = {i: ["bag"] for i in home.ids("shoes", 6)} | {i: ["other"] for i in others}
+    assert put(client, "rare", "binary", examples, positive="bag").status_code == 200
+    assert client.post("/heads/rare/train").status_code == 200
+    picks = client.get("/heads/rare/suggestions", params={"n": 4}).json()["suggestions"]
+    near = sorted(s["image_id"] for s in picks if s["reason"] == "near examples")
+    assert near == sorted(home.ids("shoes", 2, start=6)), picks
+    assert client.delete("/heads/rare").status_code == 204
 
 
 def test_deleting_a_head_takes_its_examples_versions_and_tags(home, client):
