@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
@@ -323,6 +324,19 @@ def model_session(
     raise LookalikeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
 
 
+def import_openvino():
+    """openvino without its telemetry. Importing openvino sends a usage event to Google Analytics
+    (unless ~/intel/openvino_telemetry says no), from a process forked off a thread: a
+    self-hosted engine has no business calling home, and a fork beside running threads can
+    inherit a lock another thread held. Such a child, stuck in an import, outlived a killed
+    `lookalike index` (tests/faults/test_kill_points.py). With None in sys.modules the telemetry
+    package fails to import and openvino uses its own stub, which sends nothing."""
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
 class OpenVinoSession(ModelSession):
     """OpenVINO on the CPU, in float32 everywhere.
 
@@ -332,8 +346,7 @@ class OpenVinoSession(ModelSession):
     load against 0.3 s to compile). Infer requests are per thread: one request is not thread-safe."""
 
     def _open(self):
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         cache = Path(self.model_path).parent / "openvino-cache"
         try:

@@ -125,6 +125,24 @@ def test_openvino_runs_the_exported_file_like_onnx_runtime(tmp_path, model_cache
     assert any((cache / "openvino-cache").iterdir()), "the compiled model is cached"
 
 
+def test_openvino_sends_no_telemetry(model_cache):
+    """Importing openvino starts a thread that forks a process to send a usage event to Google
+    Analytics; lookalike keeps it from loading. A fresh process that embeds with OpenVINO has
+    neither the telemetry package, nor its thread, nor a child process."""
+    code = (
+        "import sys, threading, multiprocessing, time; from pathlib import Path; import numpy as np; "
+        "from indexer.backbones import load_backbone; "
+        f"b = load_backbone('efficientnet-lite0', runtime='openvino', cache_dir=Path({str(model_cache)!r})); "
+        "b.embed(np.full((1, 224, 224, 3), 128, np.uint8)); time.sleep(0.5); "
+        "print(sys.modules.get('openvino_telemetry') is None, 'openvino' in sys.modules, "
+        "len(threading.enumerate()) == len([t for t in threading.enumerate() if 'ThreadPoolExecutor' not in t.name]), "
+        "len(multiprocessing.active_children()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "True", "0"], proc.stdout
+
+
 def test_onnx_export_is_cached(tmp_path):
     cache = tmp_path / "models"
     first = load_backbone(DEFAULT_BACKBONE, runtime="onnx", cache_dir=cache)
