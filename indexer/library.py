@@ -31,6 +31,10 @@ from indexer.vector_index import IndexCorrupt, VectorIndex, read_manifest
 # holds the lock only for seconds, to take a snapshot and to swap.
 MAINTAINER_MARK = " maintain"
 MAINTAINER_HOLD = 120.0
+# A holder writes its pid just after taking the lock and clears it just before letting go, so a
+# busy lock can name no live holder for a moment (or name a killed one). That moment is waited
+# out rather than taken for a writer that refuses: it could be the maintainer, which is waited for.
+UNNAMED_HOLD = 2.0
 TAGS_STAMP = "tags.stamp"  # touched whenever tags change, so servers reload their postings
 
 Notify = Callable[[str], None]
@@ -301,11 +305,14 @@ class Library:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-                    if holder.endswith(MAINTAINER_MARK):
-                        holder = holder.removesuffix(MAINTAINER_MARK).strip()
+                    pid, by_maintainer = _lock_holder(fd)
+                    if by_maintainer:
                         wait = max(wait, MAINTAINER_HOLD)
                         deadline = max(deadline, started + MAINTAINER_HOLD)
+                    elif pid is None and time.monotonic() < started + UNNAMED_HOLD:
+                        time.sleep(0.02)
+                        continue
+                    holder = pid or "another process"
                     if time.monotonic() >= deadline:
                         waited = f" (waited {wait:g} s)" if wait > 0 else ""
                         raise IndexBusy(
@@ -322,8 +329,29 @@ class Library:
                 yield
             finally:
                 self._lock_held = False
+                os.ftruncate(fd, 0)  # still holding it: nobody reads this pid once it is gone
         finally:
             os.close(fd)  # closing releases the lock, also when the process is killed
+
+
+def _lock_holder(fd: int) -> tuple[int | None, bool]:
+    """The live pid a busy write lock names, and whether it is the background maintainer.
+
+    (None, False) while the holder has not written its pid yet, or when the pid written is a
+    killed holder's."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    by_maintainer = text.endswith(MAINTAINER_MARK)
+    digits = text.removesuffix(MAINTAINER_MARK).strip()
+    if not digits.isdigit():
+        return None, False
+    pid = int(digits)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None, False
+    except PermissionError:
+        pass  # alive, someone else's
+    return pid, by_maintainer
 
 
 def _mtime_ns(path: Path) -> int:
