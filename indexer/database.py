@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration in migrations/versions (tests/test_migrations.py checks it is Alembic's head).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 WAL_SIZE_LIMIT = 64 * 2**20
 
 

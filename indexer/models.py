@@ -221,6 +221,22 @@ class DuplicateCheckRow(Base):
     image_id: Mapped[int] = mapped_column(ImageId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     content_hash: Mapped[str | None] = mapped_column(String(64))
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The check's generation (DuplicateGenerationRow): a process keeping every signature in memory
+    # asks which images were checked since the generation it last saw, whoever checked them.
+    generation: Mapped[int | None] = mapped_column(BigInteger, index=True)
+
+
+class DuplicateGenerationRow(Base):
+    """One committed duplicate check (a run's, an upload's, a whole scan's), numbered in commit
+    order. The token tells a copy of the signatures kept since that generation whether this is
+    still the database it was read from: one restored or replaced since may hold the number with
+    another history."""
+
+    __tablename__ = "duplicate_generations"
+
+    generation: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    token: Mapped[str] = mapped_column(String(32))
+    made_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class DistinctPairRow(Base):

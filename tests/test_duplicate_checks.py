@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from sqlalchemy import select
+from sqlalchemy import select, update
 from test_duplicates import HARD_NEGATIVES, plant_collection
 
 from conftest import SAMPLES, cli_command
@@ -19,7 +20,7 @@ from indexer.duplicates import evidence, scan
 from indexer.duplicates.groups import list_groups
 from indexer.duplicates.signature_codes import SignatureCodes
 from indexer.library import Library
-from indexer.models import ImageRow
+from indexer.models import DuplicateGenerationRow, ImageRow
 from indexer.near_duplicates import centred, pixel_signature
 from indexer.pipeline import index_folders
 from indexer.store import ids_fingerprint
@@ -141,31 +142,99 @@ def test_codes_notice_a_collection_changed_other_than_through_them(signatures):
     assert codes.up_to_date(ids_fingerprint(ids), ids[:1])  # checking one again changes nothing behind them
 
 
-def test_a_library_reloads_the_codes_after_another_process_indexed(tmp_path, settings):
-    planted = plant_collection(tmp_path / "photos")
+def _held_signature(codes: SignatureCodes, image_id: int) -> bytes | None:
+    """The signature the codes would compare `image_id` by: its newest row."""
+    rows = np.flatnonzero(codes.ids[: codes._count] == image_id)
+    return codes.raw[rows[-1]].tobytes() if len(rows) else None
+
+
+def _ids_by_name(library, folder) -> dict[str, int]:
+    with library.sessions() as session:
+        rows = session.execute(select(ImageRow.id, ImageRow.path))
+        return {Path(p).name: i for i, p in rows if Path(p).parent == folder}
+
+
+def _indexed_planted(tmp_path, settings):
+    """The planted collection indexed (and checked whole) by a Library of this process."""
+    photos = tmp_path / "photos"
+    planted = plant_collection(photos)
     library = Library(settings)
-    index_folders(library, [str(tmp_path / "photos")])
+    index_folders(library, [str(photos)])
+    return photos, library, ImageOps.exif_transpose(Image.open(planted["original"])).convert("RGB")
+
+
+@pytest.mark.storage
+def test_a_library_catches_up_with_what_another_process_indexed(tmp_path, settings):
+    photos, library, original = _indexed_planted(tmp_path, settings)
     first = library.duplicate_signatures
     assert first is not None  # the whole first check left them
-    original = ImageOps.exif_transpose(Image.open(planted["original"])).convert("RGB")
-    original.save(tmp_path / "photos" / "q60.jpg", "JPEG", quality=60)
-    index_folders(library, [str(tmp_path / "photos")])
+    original.save(photos / "q60.jpg", "JPEG", quality=60)
+    index_folders(library, [str(photos)])
     assert library.duplicate_signatures is first  # brought up to date, not loaded again
     other = Library(settings)  # another process
-    original.save(tmp_path / "photos" / "q70.jpg", "JPEG", quality=70)
-    index_folders(other, [str(tmp_path / "photos")])
+    original.save(photos / "q70.jpg", "JPEG", quality=70)
+    index_folders(other, [str(photos)])
     other.close()
     library.refresh()  # as a server does
-    original.save(tmp_path / "photos" / "q80.jpg", "JPEG", quality=80)
-    report = index_folders(library, [str(tmp_path / "photos")])
+    original.save(photos / "q80.jpg", "JPEG", quality=80)
+    report = index_folders(library, [str(photos)])
     assert report.duplicates.checked == 1
-    assert library.duplicate_signatures is not first  # loaded again: it holds the other's image too
+    # Not read whole again (seconds at 1M): the other process's image was read alone.
+    assert library.duplicate_signatures is first
+    by_name = _ids_by_name(library, photos)
     with library.sessions() as session:
-        by_path = {p: i for i, p in session.execute(select(ImageRow.id, ImageRow.path))}
-        (group,) = list_groups(session, "copy", image_id=by_path[str(tmp_path / "photos" / "q80.jpg")])
-    q70 = by_path[str(tmp_path / "photos" / "q70.jpg")]
-    assert library.duplicate_signatures.known[q70]
-    assert q70 in {m.id for m in group.members}
+        (group,) = list_groups(session, "copy", image_id=by_name["q80.jpg"])
+    assert library.duplicate_signatures.known[by_name["q70.jpg"]]
+    assert by_name["q70.jpg"] in {m.id for m in group.members}
+    library.close()
+
+
+@pytest.mark.storage
+def test_an_id_another_process_gave_to_a_new_image_is_compared_by_its_new_signature(tmp_path, settings):
+    """SQLite gives a new row the newest id freed: the id fingerprint cannot tell that image from
+    the removed one; the check's generation does (PostgreSQL gives a new id: the unseen id path)."""
+    photos, library, _ = _indexed_planted(tmp_path, settings)
+    codes = library.duplicate_signatures
+    with library.sessions() as session:
+        newest, path = session.execute(select(ImageRow.id, ImageRow.path).order_by(ImageRow.id.desc())).first()
+    other = Library(settings)  # another process removes the newest image, then indexes a new one
+    Path(path).unlink()
+    index_folders(other, [str(photos)])
+    elsewhere = sorted(SAMPLES.rglob("*.jpg"))[3]  # not among the planted photos
+    shutil.copyfile(elsewhere, photos / "new.jpg")
+    index_folders(other, [str(photos)])
+    other.close()
+    with library.sessions() as session:
+        new_id, new_signature = session.execute(
+            select(ImageRow.id, ImageRow.signature).where(ImageRow.path == str(photos / "new.jpg"))
+        ).one()
+    if library.engine.dialect.name == "sqlite":
+        assert new_id == newest  # the case this test is about
+    assert _held_signature(codes, new_id) != new_signature
+    library.refresh()  # as a server does
+    ImageOps.exif_transpose(Image.open(elsewhere)).convert("RGB").save(photos / "its-copy.png")
+    index_folders(library, [str(photos)])
+    assert library.duplicate_signatures is codes and _held_signature(codes, new_id) == new_signature
+    with library.sessions() as session:
+        copy_id = session.scalar(select(ImageRow.id).where(ImageRow.path == str(photos / "its-copy.png")))
+        (group,) = list_groups(session, "copy", image_id=copy_id)
+    assert {m.id for m in group.members} == {new_id, copy_id}
+    library.close()
+
+
+@pytest.mark.storage
+def test_codes_of_a_database_replaced_since_are_read_again(tmp_path, settings):
+    photos, library, original = _indexed_planted(tmp_path, settings)
+    original.save(photos / "q50.jpg", quality=50)
+    index_folders(library, [str(photos)])  # codes kept: they now carry the first check's generation
+    codes = library.duplicate_signatures
+    assert codes.generation[0] >= 1
+    with library.sessions.begin() as session:  # what a restore of another history leaves
+        session.execute(update(DuplicateGenerationRow).values(token="another-database"))
+    original.save(photos / "q40.jpg", quality=40)
+    index_folders(library, [str(photos)])
+    assert library.duplicate_signatures is not codes
+    assert library.duplicate_signatures.generation[1] == "another-database"
     library.close()
 
 

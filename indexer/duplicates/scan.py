@@ -16,6 +16,7 @@ committed tells the next run that one was killed in between, which then asks abo
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 
 from indexer import store
 from indexer.duplicates import evidence
@@ -39,13 +40,14 @@ from indexer.duplicates.neighbours import (
     trained_centroids,
     unique_pairs,
 )
-from indexer.duplicates.signature_codes import SignatureCodes
+from indexer.duplicates.signature_codes import NO_GENERATION, Generation, SignatureCodes
 from indexer.faults import checkpoint
-from indexer.models import DuplicateCheckRow, DuplicateLinkRow, ImageRow
+from indexer.models import DuplicateCheckRow, DuplicateGenerationRow, DuplicateLinkRow, ImageRow
 from indexer.near_duplicates import SIDE, centred
 from indexer.vector_store import fsync_path
 
 SERVED_QUERIES_MAX = 2000  # fewer pending images than this are looked up in the served index
+REREAD_MAX = 50_000  # more images checked elsewhere than this: the signature codes are read whole
 SEARCHABLE = (store.STATUS_INDEXED, store.STATUS_IMPORTED)
 UNCHECKED_MARK = "duplicates-unchecked"  # in the index folder, from a run's first write to its check
 
@@ -177,11 +179,12 @@ def _candidates(library, index, pending: np.ndarray, signatures, few: bool, prog
     )  # fmt: skip
     del vectors
     progress("reading the pixel signatures", 0, len(held))
+    generation = _latest_generation(library)
     ids, raw = _raw_signatures(library)
     keep = np.isin(ids, held, assume_unique=True)
     ids, raw = ids[keep], raw[keep]
     # The next few images' check starts warm.
-    library.duplicate_signatures = SignatureCodes.of(held, index.id_fingerprint(), ids, raw)
+    library.duplicate_signatures = SignatureCodes.of(held, index.id_fingerprint(), ids, raw, generation)
     signatures = np.zeros((len(held), raw.shape[1]), np.float32)
     signatures[np.searchsorted(held, ids)] = centred(raw)
     del raw
@@ -227,22 +230,67 @@ def _signature_rows(found: dict[int, bytes], among: np.ndarray | None = None) ->
 
 
 def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict[int, bytes] | None) -> Pairs:
-    """Copies of a few pending images by signature, from the in-memory codes (loaded once, and
-    again when the collection changed other than through these checks)."""
+    """Copies of a few pending images by signature, from the in-memory codes: read whole once,
+    then brought up to date with what other processes checked or indexed since (signature_codes.py)."""
     codes = library.duplicate_signatures
     fingerprint = index.id_fingerprint()
-    if codes is None or not codes.up_to_date(fingerprint, pending):
+    latest = _latest_generation(library)
+    stale = None if codes is None else _checked_since(library, codes.generation)
+    if stale is not None and not codes.up_to_date(fingerprint, pending):
+        stale = np.union1d(stale, codes.unknown(index.ids()))  # indexed elsewhere, not checked yet
+    if stale is None or len(stale) > REREAD_MAX:
         held = index.ids()
         ids, raw = _raw_signatures(library)
         keep = np.isin(ids, held, assume_unique=True) & ~np.isin(ids, pending, assume_unique=True)
         others = held[~np.isin(held, pending, assume_unique=True)]
-        codes = library.duplicate_signatures = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep])
+        codes = library.duplicate_signatures = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep], latest)
+    else:
+        stale = np.setdiff1d(stale, pending)  # theirs are read below
+        if len(stale):
+            codes.refreshed(stale, *_raw_signatures(library, stale))
+        codes.generation = latest
     ids, raw = _raw_signatures(library, pending) if signatures is None else _signature_rows(signatures, pending)
     a, b, corr = codes.close_pairs(ids, raw, evidence.COPY_SIGNATURE)
     codes.checked(pending, ids, raw, fingerprint)
     inside = index.holds(b)  # an entry of an image removed since is no candidate
     a, b = a[inside], b[inside]
     return unique_pairs(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
+
+
+def _latest_generation(library) -> Generation:
+    """The newest committed duplicate check: read before the signatures it vouches for."""
+    with library.sessions() as session:
+        row = session.execute(
+            select(DuplicateGenerationRow.generation, DuplicateGenerationRow.token)
+            .order_by(DuplicateGenerationRow.generation.desc())
+            .limit(1)
+        ).first()
+    return (int(row[0]), row[1]) if row else NO_GENERATION
+
+
+def _checked_since(library, generation: Generation) -> np.ndarray | None:
+    """The images checked after `generation`, or None when this database does not hold it as it
+    was seen (restored or replaced since: everything is read again)."""
+    number, token = generation
+    with library.sessions() as session:
+        if number:
+            held = session.scalar(
+                select(DuplicateGenerationRow.token).where(DuplicateGenerationRow.generation == number)
+            )
+            if held != token:
+                return None
+        elif token != NO_GENERATION[1]:
+            return None
+        ids = session.scalars(select(DuplicateCheckRow.image_id).where(DuplicateCheckRow.generation > number)).all()
+    return np.unique(np.array(ids, np.int64))
+
+
+def _new_generation(session) -> int:
+    """Number the check being committed (writers hold the write lock, so numbers follow commits;
+    two writers without it would collide on the key rather than share a number)."""
+    number = int(session.scalar(select(func.max(DuplicateGenerationRow.generation))) or 0) + 1
+    session.execute(insert(DuplicateGenerationRow), [{"generation": number, "token": secrets.token_hex(16)}])
+    return number
 
 
 def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:
@@ -338,9 +386,10 @@ def _replace(session, pending: np.ndarray, hashes: dict[int, str | None], links:
     links = [link for link in links if link["a_id"] in existing and link["b_id"] in existing]
     if links:
         session.execute(insert(DuplicateLinkRow), links)
-    now = store.utcnow()
+    now, generation = store.utcnow(), _new_generation(session)
     session.execute(
-        insert(DuplicateCheckRow), [{"image_id": i, "content_hash": hashes[i], "checked_at": now} for i in ids]
+        insert(DuplicateCheckRow),
+        [{"image_id": i, "content_hash": hashes[i], "checked_at": now, "generation": generation} for i in ids],
     )
 
 

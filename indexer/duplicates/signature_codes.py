@@ -15,10 +15,12 @@ the tree is built again over everything. (Before the tree: a Hamming range searc
 which drew up to 97k candidates for low-contrast queries, 4.7 ms.)
 
 Kept on the Library (and handed to the writers a server opens for uploads) and brought up to
-date at each check: the images being checked are added (an older entry of a changed image stays
-behind; it only adds a candidate that the database's signature then rejects). A collection
-changed in other ways (another process indexed or removed images) is noticed by the fingerprint
-of the index's ids (count, sum, sum of squares; VectorIndex keeps it up to date) and loaded again.
+date at each check (scan.py): the images being checked are added, and so are those every other
+process checked since the duplicate generation the codes were read at (their signatures may
+have changed under the same id), and those the index holds that the codes never saw. An older
+entry of a changed image stays behind; it only adds a candidate that the database's signature
+then rejects. A generation whose token differs means another database (restored or replaced):
+the codes are read again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from scipy.spatial import cKDTree
 from indexer.near_duplicates import SIDE, centred_with_spread
 from indexer.store import ids_fingerprint
 
+Generation = tuple[int, str]  # a duplicate check's number and token (models.DuplicateGenerationRow)
+NO_GENERATION: Generation = (0, "")  # before the first check
 BITS = SIDE * SIDE
 ADD_CHUNK = 65_536  # rows centred and coded at a time
 LOW = 4  # DCT frequencies kept along each side: LOW * LOW coefficients an image
@@ -49,9 +53,10 @@ LOW_BASIS = LOW_BASIS.astype(np.float32)
 
 
 class SignatureCodes:
-    def __init__(self, held: np.ndarray, fingerprint: tuple[int, int, int]):
+    def __init__(self, held: np.ndarray, fingerprint: tuple[int, int, int], generation: Generation = NO_GENERATION):
         """`held`: the index's ids whose current signatures are here (or who have none);
-        `fingerprint`: the index's id fingerprint then."""
+        `fingerprint`: the index's id fingerprint then; `generation`: the newest duplicate check
+        committed before the signatures were read."""
         self.ids = np.zeros(0, np.int64)  # of the rows below
         self.raw = np.zeros((0, BITS), np.uint8)
         self.low = np.zeros((0, LOW * LOW), np.float32)  # LOW_BASIS projections of the centred rows
@@ -59,15 +64,30 @@ class SignatureCodes:
         self.known = np.zeros(0, bool)
         self._mark_known(held)
         self.fingerprint = fingerprint
+        self.generation = generation
         self._count = 0
         self._tree: cKDTree | None = None  # over the first _tree_count rows of `low`
         self._tree_count = 0
 
     @classmethod
-    def of(cls, held: np.ndarray, fingerprint, ids: np.ndarray, raw: np.ndarray) -> SignatureCodes:
-        codes = cls(held, fingerprint)
+    def of(
+        cls, held: np.ndarray, fingerprint, ids: np.ndarray, raw: np.ndarray, generation: Generation = NO_GENERATION
+    ) -> SignatureCodes:
+        codes = cls(held, fingerprint, generation)
         codes.add(ids, raw)
         return codes
+
+    def unknown(self, ids: np.ndarray) -> np.ndarray:
+        """Those of `ids` whose signatures were never brought here."""
+        inside = ids < len(self.known)
+        seen = np.zeros(len(ids), bool)
+        seen[inside] = self.known[ids[inside]]
+        return ids[~seen]
+
+    def refreshed(self, ids: np.ndarray, found_ids: np.ndarray, raw: np.ndarray) -> None:
+        """The current signatures of `ids` (`raw` of those of `found_ids` that have one)."""
+        self.add(found_ids, raw)
+        self._mark_known(ids)
 
     def _mark_known(self, ids: np.ndarray) -> None:
         if len(ids) and ids.max() >= len(self.known):
