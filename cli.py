@@ -569,7 +569,7 @@ def heads_train(
 
             indexed = index_files(library, label_set.paths)
             err.print(f"indexed {indexed.added + indexed.updated} labelled images, {len(indexed.failed)} failed")
-        result, report_dir = train(library, name, label_set, options, log=lambda m: err.print(m))
+        result, report_dir, plots = train(library, name, label_set, options, log=lambda m: err.print(m))
     except LookalikeError as exc:
         _fail(str(exc))
     except _storage_errors() as exc:
@@ -579,7 +579,7 @@ def heads_train(
         out.print(json.dumps(report, indent=2), markup=False)
     else:
         _print_metrics(report["metrics"])
-    err.print(f"report and plots in {report_dir}")
+    err.print(f"report in {report_dir}, plots in {plots}")
 
 
 def _train_on_examples(name: str, options, as_json: bool, home: Path | None) -> None:

@@ -220,7 +220,7 @@ def test_multiclass_on_all_ten_classes(home, corpus):
     assert json.loads((report_dir / "report.json").read_text()) == report
     assert sorted(report["plots"]) == ["confusion_matrix.png", "loss.png"]
     for name in report["plots"]:
-        assert_png(report_dir / name)
+        assert_png(report_dir / "plots" / report["plot_set"] / name)
 
     # Stored: list and show.
     listing = ok("heads", "list", "--home", home).stdout
@@ -293,7 +293,7 @@ def test_binary_from_two_folders(home, corpus, tmp_path):
     report_dir = home / "heads" / "footwear"
     assert sorted(report["plots"]) == ["confusion_matrix.png", "loss.png", "precision_recall.png"]
     for name in report["plots"]:
-        assert_png(report_dir / name)
+        assert_png(report_dir / "plots" / report["plot_set"] / name)
 
     # The threshold is stored and is the one applied: shoes exactly when p(shoes) >= threshold.
     snap = snapshot(home, corpus.model_cache)
@@ -455,7 +455,7 @@ def test_multilabel_on_pairs_of_photos(home, corpus, tmp_path):
     report_dir = home / "heads" / "outfit"
     assert sorted(report["plots"]) == ["loss.png", "precision_recall.png"]
     for name in report["plots"]:
-        assert_png(report_dir / name)
+        assert_png(report_dir / "plots" / report["plot_set"] / name)
 
     # One threshold per label, stored and applied: a label exactly when p >= its threshold.
     snap = snapshot(home, corpus.model_cache)

@@ -165,10 +165,21 @@ def test_versions_are_kept_and_an_earlier_one_made_current_restores_its_tags(hom
     assert {label for t in v2.values() for label, _ in t} >= {"dress"} and v2 != v1
     versions = client.get("/heads/kind/versions").json()
     assert [(v["number"], v["current"], v["examples"]) for v in versions] == [(1, False, 6), (2, True, 18)]
-    assert client.get("/heads/kind/plots/loss.png").status_code == 200
+    second_set = client.get("/heads/kind").json()["metrics"]["plot_set"]
+    second_loss = client.get("/heads/kind/plots/loss.png")
+    assert second_loss.status_code == 200
     back = client.post("/heads/kind/versions/1/activate")
     assert back.status_code == 200, back.text
-    assert client.get("/heads/kind/plots/loss.png").status_code == 404  # they showed version 2
+    # Version 1's own plots again; a page still showing version 2's report gets version 2's.
+    first_set = client.get("/heads/kind").json()["metrics"]["plot_set"]
+    assert first_set != second_set
+    first_loss = client.get("/heads/kind/plots/loss.png")
+    assert first_loss.status_code == 200 and first_loss.content.startswith(b"\x89PNG")
+    assert first_loss.content != second_loss.content
+    assert client.get(f"/heads/kind/plots/loss.png?set={first_set}").content == first_loss.content
+    assert client.get(f"/heads/kind/plots/loss.png?set={second_set}").content == second_loss.content
+    assert client.get("/heads/kind/plots/loss.png?set=..%2F..%2Fetc").status_code == 404
+    assert client.get(f"/heads/kind/plots/loss.png?set={'0' * 16}").status_code == 404  # no such training
     assert db_tags(home.settings, "kind") == v1
     assert client.get("/tags").json()["kind"] == dict(Counter(label for t in v1.values() for label, _ in t))
     assert [v["current"] for v in client.get("/heads/kind/versions").json()] == [True, False]

@@ -351,7 +351,7 @@ def test_heads_view_shows_the_trained_head(watched, server, http, shots):
     assert "tops" in labels and "positive" in labels and f"{report['thresholds'][0]:.3f}" in labels
     matrix = card.locator("table.confusion tbody").inner_text().split()
     assert [int(x) for x in matrix if x.isdigit()] == [n for row in metrics["confusion_matrix"] for n in row]
-    # The three plots saved at training, served from the head's report folder.
+    # The three plots saved at training, served from the training's folder below the head's.
     wait_for_images(page, '.head-card[data-head="garment"] .plot img')
     assert card.locator(".plot img").count() == 3
     assert page.locator('.head-card[data-head="imagenet"]').is_visible()  # the built-in head, listed after
@@ -360,12 +360,14 @@ def test_heads_view_shows_the_trained_head(watched, server, http, shots):
     plot = http.get("/heads/garment/plots/confusion_matrix.png")
     assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
     assert plot.content.startswith(b"\x89PNG\r\n\x1a\n")
-    assert plot.content == (Path(report["report_dir"]) / "confusion_matrix.png").read_bytes()
+    plots = Path(report["report_dir"]) / "plots" / report["metrics"]["plot_set"]
+    assert plot.content == (plots / "confusion_matrix.png").read_bytes()
     for path in (
         "/heads/garment/plots/report.json",  # in the folder, but not a plot
         "/heads/garment/plots/..%2Freport.json",
         "/heads/garment/plots/%2E%2E%2F%2E%2E%2Flookalike.db",
         "/heads/garment/plots/../report.json",
+        "/heads/garment/plots/confusion_matrix.png?set=..%2F..%2F..",  # a set is a name, not a path
         "/heads/imagenet/plots/loss.png",  # the built-in head has no report folder
         "/heads/no-such-head/plots/loss.png",
     ):

@@ -519,6 +519,12 @@ def test_heads_view_new_head_and_delete(watched, server, http, home):
     page.goto(f"{server}/?view=heads")
     page.locator(".head-card").first.wait_for()
     assert page.locator('.head-card[data-head="imagenet"] .teach-link').count() == 0  # built-in: not taught
+    # Every plot a card lists loads (they load lazily: each is scrolled to). A version made
+    # current again once listed its predecessor's plots, which are gone.
+    plots = page.locator(".head-card .plots img")
+    for at in range(plots.count()):
+        plots.nth(at).scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=plots.nth(at).element_handle())
 
     # "New head…": the editor of a head that exists nowhere yet, with its labels from the form.
     page.get_by_role("button", name="New head…").click()

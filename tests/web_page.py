@@ -36,7 +36,11 @@ class Watched:
         self.console_errors: list[str] = []
         self.foreign: list[str] = []
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.on("console", lambda msg: msg.type == "error" and self.console_errors.append(msg.text))
+        # With the resource's address: "Failed to load resource" alone does not say which.
+        page.on(
+            "console",
+            lambda msg: msg.type == "error" and self.console_errors.append(f"{msg.text} ({msg.location.get('url')})"),
+        )
 
         def on_request(request) -> None:
             url = request.url

@@ -1,9 +1,17 @@
-"""PNG plots of a head's training and evaluation, saved beside its JSON report."""
+"""PNG plots of a head's training and evaluation, one folder of them per training.
+
+Each training writes its plots (or what they need) into a folder of its own below the head's
+report folder, `plots/<set>`, named in its report (`plot_set`): a version made current again
+shows its own plots, and a page still showing an earlier version's report gets that version's
+images, never a 404 or another version's plots. Nothing there is changed or removed afterwards.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import threading
 from pathlib import Path
 
@@ -19,11 +27,28 @@ def _pyplot():
     return plt
 
 
+PLOT_SETS = "plots"  # below a head's report folder
+_SET_NAME = re.compile(r"[0-9a-f]{16}")
+
+
+def new_plot_set(report_dir: Path) -> tuple[str, Path]:
+    """A fresh plot set's name and folder (created) for a training of the head in `report_dir`."""
+    plot_set = secrets.token_hex(8)
+    folder = report_dir / PLOT_SETS / plot_set
+    folder.mkdir(parents=True)
+    return plot_set, folder
+
+
+def plot_folder(report_dir: Path, plot_set: str | None) -> Path | None:
+    """Where a report's plots are: its set's folder (None for a malformed name), or the report
+    folder itself for a head trained before plot sets."""
+    if plot_set is None:
+        return report_dir
+    return report_dir / PLOT_SETS / plot_set if _SET_NAME.fullmatch(plot_set) else None
+
+
 def save_plots(folder: Path, name: str, history: dict, metrics: dict, labels: list[str]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / PLOT_INPUTS).unlink(missing_ok=True)  # an earlier training's: these plots replace it
-    for old in PLOT_FILES:
-        (folder / old).unlink(missing_ok=True)
     saved = []
     if history.get("train_loss"):
         saved.append(_loss_curves(folder / "loss.png", name, history))
@@ -52,10 +77,11 @@ def _save(plt, fig, path: Path) -> Path:
 
 PLOT_INPUTS = "plot_inputs.json"
 PLOT_FILES = ("loss.png", "confusion_matrix.png", "precision_recall.png")
+_render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
 
 def save_plot_inputs(folder: Path, name: str, history: dict, metrics: dict, labels: list[str]) -> list[str]:
-    """Store what `save_plots` needs; returns the names of the plots it will render. Stale PNGs go."""
+    """Store what `save_plots` needs in a plot set's `folder`; returns the names of the plots it will render."""
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {
         "name": name,
@@ -65,19 +91,11 @@ def save_plot_inputs(folder: Path, name: str, history: dict, metrics: dict, labe
     }
     tmp = folder / f".{PLOT_INPUTS}.tmp"
     tmp.write_text(json.dumps(inputs, default=_plain))
-    for old in PLOT_FILES:
-        (folder / old).unlink(missing_ok=True)
     os.replace(tmp, folder / PLOT_INPUTS)
     names = ["loss.png"] if history.get("train_loss") else []
     names += ["confusion_matrix.png"] if inputs["metrics"].get("confusion_matrix") else []
     names += ["precision_recall.png"] if inputs["metrics"].get("curves") else []
     return names
-
-
-def forget_plots(folder: Path) -> None:
-    """Remove a head's plots and their inputs (they belong to a version no longer current)."""
-    for name in (*PLOT_FILES, PLOT_INPUTS):
-        (folder / name).unlink(missing_ok=True)
 
 
 def render_missing(folder: Path, file: str) -> Path | None:
@@ -99,9 +117,6 @@ def render_missing(folder: Path, file: str) -> Path | None:
             elif file == "precision_recall.png" and metrics.get("curves"):
                 _pr_curves(path, name, metrics["curves"])
     return path if path.is_file() else None
-
-
-_render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
 
 def _plain(value):

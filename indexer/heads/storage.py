@@ -136,7 +136,7 @@ def make_version_current(session: Session, name: str, number: int) -> int:
     row.thresholds = list(version.thresholds)
     row.min_confidence = version.min_confidence
     row.score_floor = version.score_floor
-    row.metrics = version.metrics
+    row.metrics = version.metrics  # its plot set's name with it: its own plots again
     row.version = version.number
     row.created_at = version.created_at
     session.flush()

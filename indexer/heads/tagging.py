@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from indexer import store
 from indexer.faults import checkpoint
 from indexer.heads.model import Head
-from indexer.heads.plots import forget_plots
-from indexer.heads.storage import head_row, make_version_current, save_head, version_head
+from indexer.heads.storage import make_version_current, save_head, version_head
 from indexer.library import Library
 from indexer.models import TagRow
 from indexer.vector_store import float16_error
@@ -82,11 +80,8 @@ def make_current(library: Library, name: str, number: int, *, progress: Progress
         tags = compute_tags(library, head, backbone_id, progress)
         with library.sessions.begin() as session:
             head_id = make_version_current(session, name, number)
-            report_dir = head_row(session, name).report_dir
             _insert(session, head_id, tags)
             checkpoint("tag")
-    if report_dir:  # the plots there show the latest training, no longer the current version
-        forget_plots(Path(report_dir))
     library.head_retagged(name, tags.postings())
     return len(tags.ids)
 

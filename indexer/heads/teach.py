@@ -19,7 +19,7 @@ import numpy as np
 
 from indexer.errors import BadExamples, Conflict, LookalikeError
 from indexer.heads.examples import ExampleSet, example_vectors, get_examples, training_set
-from indexer.heads.plots import save_plot_inputs
+from indexer.heads.plots import new_plot_set, save_plot_inputs
 from indexer.heads.tagging import Progress, backbone_id_of, make_current, save_and_tag
 from indexer.heads.training import TrainOptions, train_head
 from indexer.heads.workflow import training_report, write_json
@@ -46,7 +46,8 @@ def train_from_examples(
     report["source"] = "stored examples"
     report["mistakes"] = _mistakes(found, labelled.ids, result)
     report_dir = library.home / "heads" / name
-    report["plots"] = save_plot_inputs(report_dir, name, result.history, result.metrics, labelled.names)
+    report["plot_set"], plots = new_plot_set(report_dir)
+    report["plots"] = save_plot_inputs(plots, name, result.history, result.metrics, labelled.names)
     write_json(report_dir / "report.json", report)
     plotted = time.perf_counter()
     tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir), progress=progress)

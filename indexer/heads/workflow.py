@@ -16,7 +16,7 @@ from indexer.errors import ImageRejected
 from indexer.faults import checkpoint
 from indexer.heads.labels import LabelError, LabelSet
 from indexer.heads.metrics import evaluate
-from indexer.heads.plots import save_plots
+from indexer.heads.plots import new_plot_set, save_plots
 from indexer.heads.storage import head_row, load_heads, write_tags
 from indexer.heads.tagging import backbone_id_of, save_and_tag
 from indexer.heads.training import TrainOptions, TrainResult, train_head
@@ -84,8 +84,9 @@ def _embed_files(library: Library, paths: list[str], labels: LabelSet, rows: lis
 
 def train(
     library: Library, name: str, labels: LabelSet, options: TrainOptions, *, log: Log = lambda _: None
-) -> tuple[TrainResult, Path]:
-    """Train, store the head with its report and plots, then tag every indexed image with it."""
+) -> tuple[TrainResult, Path, Path]:
+    """Train, store the head with its report and plots, then tag every indexed image with it;
+    returns the result, the report's folder and the plots' folder."""
     embedded = embeddings_for(library, labels)
     log(
         f"{len(labels.paths)} labelled images ({embedded.reused} from stored embeddings, "
@@ -96,11 +97,12 @@ def train(
         log(f"warning: {warning}")
     report_dir = library.home / "heads" / name
     report = training_report(name, labels.kind, labels.names, labels.dropped, len(labels.paths), result)
-    report["plots"] = [p.name for p in save_plots(report_dir, name, result.history, result.metrics, labels.names)]
+    report["plot_set"], plots = new_plot_set(report_dir)
+    report["plots"] = [p.name for p in save_plots(plots, name, result.history, result.metrics, labels.names)]
     write_json(report_dir / "report.json", report)
     tagged = save_and_tag(library, result.head, metrics=report, report_dir=str(report_dir))
     log(f"tagged {tagged} images with head {name!r}")
-    return result, report_dir
+    return result, report_dir, plots
 
 
 def training_report(

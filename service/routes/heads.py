@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
 from indexer.heads.examples import example_counts
-from indexer.heads.plots import PLOT_FILES, render_missing  # no other file name is ever served
+from indexer.heads.plots import PLOT_FILES, plot_folder, render_missing  # no other file name is ever served
 from indexer.heads.storage import list_heads
 from indexer.heads.workflow import head_report
 from service.deps import LibraryDep
@@ -57,12 +57,21 @@ def head(library: LibraryDep, name: str) -> dict:
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown head or plot"}},
 )
-def head_plot(library: LibraryDep, name: str, file: str):
+def head_plot(
+    library: LibraryDep,
+    name: str,
+    file: str,
+    plot_set: str | None = Query(
+        None, alias="set", description="the training whose plot this is (a report's plot_set); default: the current"
+    ),
+):
     """One of the plots saved when the head was trained: loss.png, confusion_matrix.png or precision_recall.png."""
     if file not in PLOT_FILES:
         raise HTTPException(status_code=404, detail=f"no plot named {file!r}; plots are {', '.join(PLOT_FILES)}")
-    report_dir = head_report(library, name)["report_dir"]  # an unknown head is a 404 too
-    path = render_missing(Path(report_dir), file) if report_dir else None
+    report = head_report(library, name)  # an unknown head is a 404 too
+    report_dir = report["report_dir"]
+    folder = plot_folder(Path(report_dir), plot_set or report["metrics"].get("plot_set")) if report_dir else None
+    path = render_missing(folder, file) if folder is not None else None
     if path is None:
         raise HTTPException(status_code=404, detail=f"head {name!r} has no {file}")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})

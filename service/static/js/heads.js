@@ -108,7 +108,9 @@ function headCard(head) {
         { className: "plots" },
         plots.map((file) => {
           const img = el("img", { alt: `${PLOTS[file]} of head ${head.name}`, loading: "lazy" });
-          setImage(img, `${headUrl(head.name)}/plots/${file}`, { cache: false });
+          // By its training's plot set: a version made current meanwhile does not change the image.
+          const set = report.plot_set ? `?set=${encodeURIComponent(report.plot_set)}` : "";
+          setImage(img, `${headUrl(head.name)}/plots/${file}${set}`, { cache: false });
           return el("figure", { className: "plot" }, [img, el("figcaption", { text: PLOTS[file] })]);
         }),
       ),
