@@ -234,7 +234,9 @@ def test_codes_of_a_database_replaced_since_are_read_again(tmp_path, settings):
     original.save(photos / "q40.jpg", quality=40)
     index_folders(library, [str(photos)])
     assert library.duplicate_signatures is not codes
-    assert library.duplicate_signatures.generation[1] == "another-database"
+    # Read at the replaced database's generation, then moved on by this check's own commit.
+    assert library.duplicate_signatures.generation == scan._latest_generation(library)
+    assert library.duplicate_signatures.generation[1] != "another-database"
     library.close()
 
 
@@ -269,4 +271,20 @@ def test_a_run_killed_before_its_check_leaves_its_images_to_the_next_run(tmp_pat
     # Without the mark, a run checks only its own new images.
     shutil.copy2(sorted(SAMPLES.rglob("*.jpg"))[2], tmp_path / "photos" / "third.jpg")
     assert index_folders(library, [str(tmp_path / "photos")]).duplicates.checked == 1
+    library.close()
+
+
+def test_a_process_does_not_read_again_the_signatures_its_own_checks_committed(tmp_path, settings, monkeypatch):
+    """After its whole first check, an index run's next check reads no signature back: its own
+    commit moved the codes' generation (at 1M, reading them all again takes seconds)."""
+    monkeypatch.setattr(scan, "REREAD_MAX", 0)  # any image checked since the codes' generation: read whole
+    photos, library, original = _indexed_planted(tmp_path, settings)
+    codes = library.duplicate_signatures
+    reads = []
+    read = scan._raw_signatures
+    monkeypatch.setattr(scan, "_raw_signatures", lambda *args: reads.append(args[1:]) or read(*args))
+    for quality in (60, 70):
+        original.save(photos / f"q{quality}.jpg", quality=quality)
+        assert index_folders(library, [str(photos)]).duplicates.checked == 1
+    assert library.duplicate_signatures is codes and reads == []
     library.close()

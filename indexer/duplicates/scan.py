@@ -128,8 +128,9 @@ def update(
         report.candidates = len(pairs)
         links = _classified(library, pairs)
         with library.sessions.begin() as session:
-            _replace(session, pending, hashes, links)
+            generation = _replace(session, pending, hashes, links)
             checkpoint("duplicates-commit")
+        _codes_include(library, generation)
         report.checked = len(pending)
         for tier in (evidence.COPY, evidence.NEAR):
             report.links[tier] = sum(1 for link in links if link["tier"] == tier)
@@ -285,12 +286,23 @@ def _checked_since(library, generation: Generation) -> np.ndarray | None:
     return np.unique(np.array(ids, np.int64))
 
 
-def _new_generation(session) -> int:
+def _new_generation(session) -> Generation:
     """Number the check being committed (writers hold the write lock, so numbers follow commits;
     two writers without it would collide on the key rather than share a number)."""
     number = int(session.scalar(select(func.max(DuplicateGenerationRow.generation))) or 0) + 1
-    session.execute(insert(DuplicateGenerationRow), [{"generation": number, "token": secrets.token_hex(16)}])
-    return number
+    token = secrets.token_hex(16)
+    session.execute(insert(DuplicateGenerationRow), [{"generation": number, "token": token}])
+    return number, token
+
+
+def _codes_include(library, generation: Generation) -> None:
+    """After this process's own check committed: the signature codes hold every image it checked
+    (the bulk path read them all, the few-image path added them), so when they were current just
+    before it they are current at it, and the next check does not read this one's images again
+    (after a whole scan that would be every signature)."""
+    codes = library.duplicate_signatures
+    if codes is not None and codes.generation[0] == generation[0] - 1:
+        codes.generation = generation
 
 
 def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:
@@ -371,8 +383,9 @@ def _classified(library, pairs: Pairs) -> list[dict]:
     return links
 
 
-def _replace(session, pending: np.ndarray, hashes: dict[int, str | None], links: list[dict]) -> None:
-    """The pending images' old links and checks out, the new ones in (one transaction)."""
+def _replace(session, pending: np.ndarray, hashes: dict[int, str | None], links: list[dict]) -> Generation:
+    """The pending images' old links and checks out, the new ones in (one transaction), under a
+    new generation, which is returned."""
     existing = set()
     ids = pending.tolist()
     for chunk in store.chunks(ids):
@@ -389,8 +402,9 @@ def _replace(session, pending: np.ndarray, hashes: dict[int, str | None], links:
     now, generation = store.utcnow(), _new_generation(session)
     session.execute(
         insert(DuplicateCheckRow),
-        [{"image_id": i, "content_hash": hashes[i], "checked_at": now, "generation": generation} for i in ids],
+        [{"image_id": i, "content_hash": hashes[i], "checked_at": now, "generation": generation[0]} for i in ids],
     )
+    return generation
 
 
 def forget(session) -> None:
