@@ -11,6 +11,11 @@ stored here; copy and near links are.
 Finding what is unchecked asks the database about every image (~1 s at 1M), so an index run
 names the images it wrote instead; the mark it leaves in the index folder until its check has
 committed tells the next run that one was killed in between, which then asks about every image.
+
+Each check commits under a new generation (a number and a random token, `duplicate_generations`):
+a process keeping every signature in memory reads only what was checked since the generation it
+saw (its own commits included as they happen), and all of them when that generation is gone or
+carries another token (the database was restored or replaced).
 """
 
 from __future__ import annotations
