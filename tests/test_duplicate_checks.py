@@ -235,7 +235,8 @@ def test_codes_of_a_database_replaced_since_are_read_again(tmp_path, settings):
     index_folders(library, [str(photos)])
     assert library.duplicate_signatures is not codes
     # Read at the replaced database's generation, then moved on by this check's own commit.
-    assert library.duplicate_signatures.generation == scan._latest_generation(library)
+    with library.sessions() as session:
+        assert library.duplicate_signatures.generation == scan._latest_generation(session)
     assert library.duplicate_signatures.generation[1] != "another-database"
     library.close()
 

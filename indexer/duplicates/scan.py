@@ -185,7 +185,8 @@ def _candidates(library, index, pending: np.ndarray, signatures, few: bool, prog
     )  # fmt: skip
     del vectors
     progress("reading the pixel signatures", 0, len(held))
-    generation = _latest_generation(library)
+    with library.sessions() as session:
+        generation = _latest_generation(session)
     ids, raw = _raw_signatures(library)
     keep = np.isin(ids, held, assume_unique=True)
     ids, raw = ids[keep], raw[keep]
@@ -240,8 +241,9 @@ def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict
     then brought up to date with what other processes checked or indexed since (signature_codes.py)."""
     codes = library.duplicate_signatures
     fingerprint = index.id_fingerprint()
-    latest = _latest_generation(library)
-    stale = None if codes is None else _checked_since(library, codes.generation)
+    with library.sessions() as session:  # one read of both: this runs at every check of a few images
+        latest = _latest_generation(session)
+        stale = None if codes is None else _checked_since(session, codes.generation)
     if stale is not None and not codes.up_to_date(fingerprint, pending):
         stale = np.union1d(stale, codes.unknown(index.ids()))  # indexed elsewhere, not checked yet
     if stale is None or len(stale) > REREAD_MAX:
@@ -263,31 +265,25 @@ def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict
     return unique_pairs(Pairs(np.minimum(a, b), np.maximum(a, b), corr[inside]))
 
 
-def _latest_generation(library) -> Generation:
+def _latest_generation(session) -> Generation:
     """The newest committed duplicate check: read before the signatures it vouches for."""
-    with library.sessions() as session:
-        row = session.execute(
-            select(DuplicateGenerationRow.generation, DuplicateGenerationRow.token)
-            .order_by(DuplicateGenerationRow.generation.desc())
-            .limit(1)
-        ).first()
+    row = session.execute(
+        select(DuplicateGenerationRow.generation, DuplicateGenerationRow.token)
+        .order_by(DuplicateGenerationRow.generation.desc())
+        .limit(1)
+    ).first()
     return (int(row[0]), row[1]) if row else NO_GENERATION
 
 
-def _checked_since(library, generation: Generation) -> np.ndarray | None:
+def _checked_since(session, generation: Generation) -> np.ndarray | None:
     """The images checked after `generation`, or None when this database does not hold it as it
     was seen (restored or replaced since: everything is read again)."""
     number, token = generation
-    with library.sessions() as session:
-        if number:
-            held = session.scalar(
-                select(DuplicateGenerationRow.token).where(DuplicateGenerationRow.generation == number)
-            )
-            if held != token:
-                return None
-        elif token != NO_GENERATION[1]:
+    if number:
+        held = session.scalar(select(DuplicateGenerationRow.token).where(DuplicateGenerationRow.generation == number))
+        if held != token:
             return None
-        ids = session.scalars(select(DuplicateCheckRow.image_id).where(DuplicateCheckRow.generation > number)).all()
+    ids = session.scalars(select(DuplicateCheckRow.image_id).where(DuplicateCheckRow.generation > number)).all()
     return np.unique(np.array(ids, np.int64))
 
 

@@ -99,7 +99,7 @@ def save_plot_inputs(folder: Path, name: str, history: dict, metrics: dict, labe
 
 
 def render_missing(folder: Path, file: str) -> Path | None:
-    """The plot `file` of a head's folder, rendered now from its stored inputs if it is missing."""
+    """The plot `file` of a plot set's folder, rendered now from its stored inputs if it is missing."""
     path = folder / file
     if path.is_file():
         return path
