@@ -107,6 +107,7 @@ def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_i
     from indexer.duplicates import signature_codes
 
     monkeypatch.setattr(signature_codes, "TAIL_MAX", 6)
+    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 0)  # a tree from the first query on
     ids, raw = signatures
     late = np.isin(ids, np.arange(20)) | (ids >= 1000)  # photos 0-19 and their copies, one at a time
     held = ids[~late]
@@ -127,6 +128,34 @@ def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_i
             codes.checked(ids[row], ids[row], raw[row], ids_fingerprint(held))
     assert rebuilt >= 5  # the tail grew past 6 rows again and again
     assert copies_found >= 8  # the re-encoded copies 1010-1019 match their photos, from the tail or the tree
+
+
+def test_the_first_queries_without_a_tree_find_what_the_tree_finds(signatures, monkeypatch):
+    """A fresh process's first few queries scan every row's coefficients (building the tree
+    would cost it more); from DIRECT_QUERIES on the tree answers, with the same pairs."""
+    from indexer.duplicates import signature_codes
+
+    monkeypatch.setattr(signature_codes, "DIRECT_CHUNK", 50)  # several chunks over these rows
+    ids, raw = signatures
+    queries = np.isin(ids, np.arange(1000, 1020)) | (ids < 10)
+    held = ids[~queries]
+    direct = SignatureCodes.of(held, ids_fingerprint(held), held, raw[~queries])
+    found = [
+        direct.close_pairs(ids[queries][i : i + 1], raw[queries][i : i + 1], evidence.COPY_SIGNATURE) for i in range(30)
+    ]
+    assert direct._tree is None  # 30 queries: under DIRECT_QUERIES
+    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 0)
+    tree = SignatureCodes.of(held, ids_fingerprint(held), held, raw[~queries])
+    a, b, corr = tree.close_pairs(ids[queries], raw[queries], evidence.COPY_SIGNATURE)
+    assert tree._tree is not None
+    assert len(a) >= 8  # the copies 1010-1019 of photos held
+    assert sorted(zip(a.tolist(), b.tolist())) == sorted(
+        (x, y) for f in found for x, y in zip(*[v.tolist() for v in f[:2]])
+    )
+    np.testing.assert_allclose(np.sort(corr), np.sort(np.concatenate([f[2] for f in found])), atol=1e-6)
+    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 31)
+    direct.close_pairs(ids[queries][:2], raw[queries][:2], evidence.COPY_SIGNATURE)
+    assert direct._tree is not None  # the 31st and 32nd: past DIRECT_QUERIES, the tree is built
 
 
 def test_codes_notice_a_collection_changed_other_than_through_them(signatures):

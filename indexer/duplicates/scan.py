@@ -33,7 +33,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 
 from indexer import store
-from indexer.duplicates import evidence
+from indexer.duplicates import evidence, signature_snapshot
 from indexer.duplicates.embedding_codes import PROJECTED_FROM, EmbeddingCodes
 from indexer.duplicates.neighbours import (
     FLAT_MAX,
@@ -53,6 +53,7 @@ from indexer.vector_store import fsync_path
 
 SERVED_QUERIES_MAX = 2000  # fewer pending images than this are looked up in the served index
 REREAD_MAX = 50_000  # more images checked elsewhere than this: the signature codes are read whole
+RESAVE_FROM = 10_000  # images a fresh process's codes caught up on from which it saves them again
 SEARCHABLE = (store.STATUS_INDEXED, store.STATUS_IMPORTED)
 UNCHECKED_MARK = "duplicates-unchecked"  # in the index folder, from a run's first write to its check
 
@@ -136,6 +137,7 @@ def update(
             generation = _replace(session, pending, hashes, links)
             checkpoint("duplicates-commit")
         _codes_include(library, generation)
+        _save_codes(library)
         report.checked = len(pending)
         for tier in (evidence.COPY, evidence.NEAR):
             report.links[tier] = sum(1 for link in links if link["tier"] == tier)
@@ -190,7 +192,7 @@ def _candidates(library, index, pending: np.ndarray, signatures, few: bool, prog
     ids, raw = _raw_signatures(library)
     keep = np.isin(ids, held, assume_unique=True)
     ids, raw = ids[keep], raw[keep]
-    # The next few images' check starts warm.
+    # The next few images' check starts warm, in this process and (from the file) in the next.
     library.duplicate_signatures = SignatureCodes.of(held, index.id_fingerprint(), ids, raw, generation)
     signatures = np.zeros((len(held), raw.shape[1]), np.float32)
     signatures[np.searchsorted(held, ids)] = centred(raw)
@@ -240,6 +242,9 @@ def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict
     """Copies of a few pending images by signature, from the in-memory codes: read whole once,
     then brought up to date with what other processes checked or indexed since (signature_codes.py)."""
     codes = library.duplicate_signatures
+    from_file = codes is None
+    if from_file:  # a fresh process: the codes another one saved, caught up below as any others
+        codes = signature_snapshot.load(library.index_dir)
     fingerprint = index.id_fingerprint()
     with library.sessions() as session:  # one read of both: this runs at every check of a few images
         latest = _latest_generation(session)
@@ -251,12 +256,15 @@ def _coded_signature_pairs(library, index, pending: np.ndarray, signatures: dict
         ids, raw = _raw_signatures(library)
         keep = np.isin(ids, held, assume_unique=True) & ~np.isin(ids, pending, assume_unique=True)
         others = held[~np.isin(held, pending, assume_unique=True)]
-        codes = library.duplicate_signatures = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep], latest)
+        codes = SignatureCodes.of(others, fingerprint, ids[keep], raw[keep], latest)
     else:
         stale = np.setdiff1d(stale, pending)  # theirs are read below
         if len(stale):
             codes.refreshed(stale, *_raw_signatures(library, stale))
         codes.generation = latest
+        if from_file and len(stale) >= RESAVE_FROM:  # the next fresh process would read them all again
+            codes.on_disk = False
+    library.duplicate_signatures = codes
     ids, raw = _raw_signatures(library, pending) if signatures is None else _signature_rows(signatures, pending)
     a, b, corr = codes.close_pairs(ids, raw, evidence.COPY_SIGNATURE)
     codes.checked(pending, ids, raw, fingerprint)
@@ -304,6 +312,18 @@ def _codes_include(library, generation: Generation) -> None:
     codes = library.duplicate_signatures
     if codes is not None and codes.generation[0] == generation[0] - 1:
         codes.generation = generation
+
+
+def _save_codes(library) -> None:
+    """Codes read whole (or caught up on many images) in this process, saved for the next one;
+    after the commit, so they carry its generation (the first check's codes have none before)."""
+    codes = library.duplicate_signatures
+    if codes is not None and not codes.on_disk:
+        try:
+            signature_snapshot.save(codes, library.index_dir)
+        except OSError as error:  # a cache: the check committed, the next process reads the database
+            library.notify(f"could not save the pixel signatures for the next run: {error}")
+        codes.on_disk = True  # tried: not again at every check
 
 
 def _merged(index, by_embedding: Pairs, by_signature: Pairs) -> Pairs:

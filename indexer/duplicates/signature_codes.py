@@ -10,9 +10,12 @@ from the database first takes seconds. Here they stay in memory from the first c
   and at 1M a query draws ~370 candidates (at most ~1,700), in ~0.5 ms;
 - the raw signatures beside them (256 bytes an image), which score those exactly.
 The tree (its own float64 copy of the coefficients: 128 bytes an image more) is built once
-(~1.4 s at 1M); images added later sit in a tail searched directly until it holds TAIL_MAX, when
-the tree is built again over everything. (Before the tree: a Hamming range search on the signs,
-which drew up to 97k candidates for low-contrast queries, 4.7 ms.)
+(~1.4 s at 1M), after DIRECT_QUERIES queries have been answered by scanning every row's
+coefficients directly (~10 ms a query at 1M): a fresh process checking a few images (a CLI run)
+would spend longer building the tree than using it. Images added later sit in a tail searched
+directly until it holds TAIL_MAX, when the tree is built again over everything. (Before the tree:
+a Hamming range search on the signs, which drew up to 97k candidates for low-contrast queries,
+4.7 ms.)
 
 Kept on the Library (and handed to the writers a server opens for uploads) and brought up to
 date at each check (scan.py): the images being checked are added, and so are those every other
@@ -20,7 +23,8 @@ process checked since the duplicate generation the codes were read at (their sig
 have changed under the same id), and those the index holds that the codes never saw. An older
 entry of a changed image stays behind; it only adds a candidate that the database's signature
 then rejects. A generation whose token differs means another database (restored or replaced):
-the codes are read again.
+the codes are read again. A fresh process starts from the copy on disk (signature_snapshot.py)
+and catches up the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ BITS = SIDE * SIDE
 ADD_CHUNK = 65_536  # rows centred and coded at a time
 LOW = 4  # DCT frequencies kept along each side: LOW * LOW coefficients an image
 TAIL_MAX = 32_768  # rows added after the tree was built, searched directly (<= ~0.5 ms a query)
+DIRECT_QUERIES = 64  # queries answered without a tree first (at 1M: ~10 ms each; the tree costs ~1 s)
+DIRECT_CHUNK = 131_072  # rows scanned at a time without the tree
 
 
 def _dct_basis(n: int) -> np.ndarray:
@@ -68,6 +74,8 @@ class SignatureCodes:
         self._count = 0
         self._tree: cKDTree | None = None  # over the first _tree_count rows of `low`
         self._tree_count = 0
+        self._answered = 0  # queries so far (the tree waits for DIRECT_QUERIES)
+        self.on_disk = False  # whether the saved copy holds these (signature_snapshot.py), or near enough
 
     @classmethod
     def of(
@@ -76,6 +84,22 @@ class SignatureCodes:
         codes = cls(held, fingerprint, generation)
         codes.add(ids, raw)
         return codes
+
+    @classmethod
+    def restored(cls, count: int, known: np.ndarray, fingerprint, generation: Generation, spare: int, fill):
+        """Codes of `count` saved rows, which `fill(self.rows())` writes in place (no second copy of
+        300 MB), with room for `spare` more before the arrays grow."""
+        codes = cls(np.zeros(0, np.int64), fingerprint, generation)
+        codes.known = known
+        codes._reserve(count + spare)
+        codes._count = count
+        fill(codes.rows())
+        codes.on_disk = True
+        return codes
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The rows held (views, not copies): ids, raw, low, spread."""
+        return {name: getattr(self, name)[: self._count] for name in ("ids", "raw", "low", "spread")}
 
     def unknown(self, ids: np.ndarray) -> np.ndarray:
         """Those of `ids` whose signatures were never brought here."""
@@ -142,7 +166,10 @@ class SignatureCodes:
         self.ids[self._count : need] = ids
         self._count = need
 
-    def _current_tree(self) -> None:
+    def _current_tree(self, queries: int) -> None:
+        self._answered += queries
+        if self._tree is None and self._answered <= DIRECT_QUERIES:
+            return  # every row is the tail for now
         if self._tree is None or self._count - self._tree_count > TAIL_MAX:
             # A copy of the rows (as float64): later rows go to the tail. Unbalanced, uncompacted
             # nodes build in half the time and answer these small balls as fast.
@@ -160,13 +187,15 @@ class SignatureCodes:
         # for float32 rounding.
         radius = float(np.sqrt(2.0 * (1.0 - min_correlation) + 1e-4))
         query_low = rows @ LOW_BASIS.T
-        self._current_tree()
-        in_tree = self._tree.query_ball_point(query_low, radius, return_sorted=False)
-        tail = self.low[self._tree_count : self._count]
+        self._current_tree(len(query_ids))
+        if self._tree is None:
+            in_tree = [()] * len(query_ids)
+        else:
+            in_tree = self._tree.query_ball_point(query_low, radius, return_sorted=False)
+        near_tail = self._near_tail(query_low, radius)
         a, b, corr = [], [], []
         for q in range(len(query_ids)):
-            near_tail = np.flatnonzero(((tail - query_low[q]) ** 2).sum(axis=1) <= radius * radius)
-            at = np.concatenate([np.asarray(in_tree[q], np.int64), self._tree_count + near_tail])
+            at = np.concatenate([np.asarray(in_tree[q], np.int64), near_tail[q]])
             # The correlation with a centred unit query q is raw . q / |raw - mean(raw)|: q sums
             # to 0, so the candidates need not be centred.
             correlation = (self.raw[at].astype(np.float32) @ rows[q]) / self.spread[at]
@@ -175,6 +204,19 @@ class SignatureCodes:
             b.append(self.ids[at[keep]])
             corr.append(correlation[keep].astype(np.float32))
         return np.concatenate(a), np.concatenate(b), np.concatenate(corr)
+
+    def _near_tail(self, query_low: np.ndarray, radius: float) -> list[np.ndarray]:
+        """For each query, the rows after the tree's (all of them before there is one) within
+        `radius` of it, scanned in chunks: |t - q|^2 = |t|^2 - 2 t.q + |q|^2 by one product."""
+        found = [[] for _ in range(len(query_low))]
+        query_sq = np.einsum("ij,ij->i", query_low, query_low)
+        for start in range(self._tree_count, self._count, DIRECT_CHUNK):
+            chunk = self.low[start : min(start + DIRECT_CHUNK, self._count)]
+            distance = np.einsum("ij,ij->i", chunk, chunk)[:, None] - 2.0 * (chunk @ query_low.T) + query_sq
+            rows, queries = np.nonzero(distance <= radius * radius)
+            for q in range(len(query_low)):
+                found[q].append(start + rows[queries == q])
+        return [np.concatenate(rows) if rows else np.zeros(0, np.int64) for rows in found]
 
 
 def grown_rows(array: np.ndarray, used: int, size: int) -> np.ndarray:
