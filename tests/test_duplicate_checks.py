@@ -107,7 +107,6 @@ def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_i
     from indexer.duplicates import signature_codes
 
     monkeypatch.setattr(signature_codes, "TAIL_MAX", 6)
-    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 0)  # a tree from the first query on
     ids, raw = signatures
     late = np.isin(ids, np.arange(20)) | (ids >= 1000)  # photos 0-19 and their copies, one at a time
     held = ids[~late]
@@ -117,8 +116,9 @@ def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_i
         for image_id in (photo, 1000 + photo):
             row = slice(int(np.searchsorted(ids, image_id)), int(np.searchsorted(ids, image_id)) + 1)
             tree = codes._tree
-            a, b, _ = codes.close_pairs(ids[row], raw[row], evidence.COPY_SIGNATURE)
+            codes.wait_for_tree()  # as a process would have it between checks (built in a thread)
             rebuilt += codes._tree is not tree
+            a, b, _ = codes.close_pairs(ids[row], raw[row], evidence.COPY_SIGNATURE)
             inside = np.isin(ids, held)
             exact = centred(raw[inside]) @ centred(raw[row])[0]
             assert set(b.tolist()) == set(ids[inside][exact >= evidence.COPY_SIGNATURE].tolist())
@@ -130,32 +130,35 @@ def test_images_checked_after_the_tree_was_built_are_found_before_and_after_it_i
     assert copies_found >= 8  # the re-encoded copies 1010-1019 match their photos, from the tail or the tree
 
 
-def test_the_first_queries_without_a_tree_find_what_the_tree_finds(signatures, monkeypatch):
-    """A fresh process's first few queries scan every row's coefficients (building the tree
-    would cost it more); from DIRECT_QUERIES on the tree answers, with the same pairs."""
+def test_queries_before_the_tree_is_built_find_what_the_tree_finds(signatures, monkeypatch):
+    """The tree is built in a thread; a query before it is ready scans every row's coefficients
+    (a fresh process checking one image would wait longer for the tree), with the same pairs.
+    A batch of many queries waits for the tree instead."""
     from indexer.duplicates import signature_codes
 
     monkeypatch.setattr(signature_codes, "DIRECT_CHUNK", 50)  # several chunks over these rows
+    monkeypatch.setattr(signature_codes, "DIRECT_ELEMENTS", 120)  # and blocks of queries
     ids, raw = signatures
     queries = np.isin(ids, np.arange(1000, 1020)) | (ids < 10)
     held = ids[~queries]
-    direct = SignatureCodes.of(held, ids_fingerprint(held), held, raw[~queries])
-    found = [
-        direct.close_pairs(ids[queries][i : i + 1], raw[queries][i : i + 1], evidence.COPY_SIGNATURE) for i in range(30)
-    ]
-    assert direct._tree is None  # 30 queries: under DIRECT_QUERIES
-    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 0)
-    tree = SignatureCodes.of(held, ids_fingerprint(held), held, raw[~queries])
-    a, b, corr = tree.close_pairs(ids[queries], raw[queries], evidence.COPY_SIGNATURE)
-    assert tree._tree is not None
+
+    def fresh() -> SignatureCodes:
+        return SignatureCodes.of(held, ids_fingerprint(held), held, raw[~queries])
+
+    direct = []
+    for i in np.flatnonzero(queries):
+        codes = fresh()
+        direct.append(codes.close_pairs(ids[i : i + 1], raw[i : i + 1], evidence.COPY_SIGNATURE))
+        assert codes._tree is None  # a first query: answered before any tree was adopted
+    few = fresh().close_pairs(ids[queries][:3], raw[queries][:3], evidence.COPY_SIGNATURE)
+    batch = fresh()
+    a, b, corr = batch.close_pairs(ids[queries], raw[queries], evidence.COPY_SIGNATURE)
+    assert batch._tree is not None and batch._tree_count == len(held)  # 30 queries: waited for it
     assert len(a) >= 8  # the copies 1010-1019 of photos held
-    assert sorted(zip(a.tolist(), b.tolist())) == sorted(
-        (x, y) for f in found for x, y in zip(*[v.tolist() for v in f[:2]])
-    )
-    np.testing.assert_allclose(np.sort(corr), np.sort(np.concatenate([f[2] for f in found])), atol=1e-6)
-    monkeypatch.setattr(signature_codes, "DIRECT_QUERIES", 31)
-    direct.close_pairs(ids[queries][:2], raw[queries][:2], evidence.COPY_SIGNATURE)
-    assert direct._tree is not None  # the 31st and 32nd: past DIRECT_QUERIES, the tree is built
+    pairs = sorted((x, y) for f in direct for x, y in zip(f[0].tolist(), f[1].tolist()))
+    assert sorted(zip(a.tolist(), b.tolist())) == pairs
+    np.testing.assert_allclose(np.sort(corr), np.sort(np.concatenate([f[2] for f in direct])), atol=1e-6)
+    assert sorted(zip(few[0].tolist(), few[1].tolist())) == [p for p in pairs if p[0] in ids[queries][:3]]
 
 
 def test_codes_notice_a_collection_changed_other_than_through_them(signatures):

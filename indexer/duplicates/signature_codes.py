@@ -9,13 +9,14 @@ from the database first takes seconds. Here they stay in memory from the first c
   k-d tree over them returns every image within that ball: no pair at the correlation is missed,
   and at 1M a query draws ~370 candidates (at most ~1,700), in ~0.5 ms;
 - the raw signatures beside them (256 bytes an image), which score those exactly.
-The tree (its own float64 copy of the coefficients: 128 bytes an image more) is built once
-(~1.4 s at 1M), after DIRECT_QUERIES queries have been answered by scanning every row's
-coefficients directly (~10 ms a query at 1M): a fresh process checking a few images (a CLI run)
-would spend longer building the tree than using it. Images added later sit in a tail searched
-directly until it holds TAIL_MAX, when the tree is built again over everything. (Before the tree:
-a Hamming range search on the signs, which drew up to 97k candidates for low-contrast queries,
-4.7 ms.)
+The tree (its own float64 copy of the coefficients: 128 bytes an image more) takes ~1 s to build
+at 1M, in a thread of its own (SciPy lets go of the GIL while it builds): until it is ready,
+queries scan every row's coefficients directly (~10-20 ms at 1M), so a fresh process checking a
+few images (a CLI run) does not wait for a tree it would hardly use. Images added later sit in a
+tail searched directly; once it holds TAIL_MAX, a tree over everything is built the same way, the
+old one serving meanwhile. A batch of more than DIRECT_QUERIES_MAX queries waits for the tree.
+(Before the tree: a Hamming range search on the signs, which drew up to 97k candidates for
+low-contrast queries, 4.7 ms.)
 
 Kept on the Library (and handed to the writers a server opens for uploads) and brought up to
 date at each check (scan.py): the images being checked are added, and so are those every other
@@ -29,6 +30,8 @@ and catches up the same way.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -41,8 +44,9 @@ BITS = SIDE * SIDE
 ADD_CHUNK = 65_536  # rows centred and coded at a time
 LOW = 4  # DCT frequencies kept along each side: LOW * LOW coefficients an image
 TAIL_MAX = 32_768  # rows added after the tree was built, searched directly (<= ~0.5 ms a query)
-DIRECT_QUERIES = 64  # queries answered without a tree first (at 1M: ~10 ms each; the tree costs ~1 s)
+DIRECT_QUERIES_MAX = 16  # queries in one batch answered without a tree (more: the tree is waited for)
 DIRECT_CHUNK = 131_072  # rows scanned at a time without the tree
+DIRECT_ELEMENTS = 1 << 22  # rows x queries scored at a time (16 MiB of distances)
 
 
 def _dct_basis(n: int) -> np.ndarray:
@@ -74,7 +78,7 @@ class SignatureCodes:
         self._count = 0
         self._tree: cKDTree | None = None  # over the first _tree_count rows of `low`
         self._tree_count = 0
-        self._answered = 0  # queries so far (the tree waits for DIRECT_QUERIES)
+        self._building: _TreeBuild | None = None  # the next tree, in its thread
         self.on_disk = False  # whether the saved copy holds these (signature_snapshot.py), or near enough
 
     @classmethod
@@ -166,16 +170,23 @@ class SignatureCodes:
         self.ids[self._count : need] = ids
         self._count = need
 
-    def _current_tree(self, queries: int) -> None:
-        self._answered += queries
-        if self._tree is None and self._answered <= DIRECT_QUERIES:
-            return  # every row is the tail for now
-        if self._tree is None or self._count - self._tree_count > TAIL_MAX:
-            # A copy of the rows (as float64): later rows go to the tail. Unbalanced, uncompacted
-            # nodes build in half the time and answer these small balls as fast.
-            low = self.low[: self._count]
-            self._tree = cKDTree(low, leafsize=32, balanced_tree=False, compact_nodes=False, copy_data=True)
-            self._tree_count = self._count
+    def _current_tree(self, *, wait: bool) -> None:
+        """Adopt a tree built since the last query; start the next one when there is none or the
+        tail grew long (`wait`: and adopt it now)."""
+        if self._building is not None and self._building.done():
+            self._adopt()
+        if self._building is None and (self._tree is None or self._count - self._tree_count > TAIL_MAX):
+            self._building = _TreeBuild(self.low[: self._count])  # rows below _count never change
+        if wait and self._building is not None:
+            self._adopt()
+
+    def _adopt(self) -> None:
+        self._tree, self._tree_count = self._building.result(), self._building.count
+        self._building = None
+
+    def wait_for_tree(self) -> None:
+        """Bring the tree up to date now (tests)."""
+        self._current_tree(wait=True)
 
     def close_pairs(self, query_ids: np.ndarray, query_raw: np.ndarray, min_correlation: float):
         """(a, b, correlation) of each query and every image here correlating at `min_correlation`."""
@@ -187,7 +198,8 @@ class SignatureCodes:
         # for float32 rounding.
         radius = float(np.sqrt(2.0 * (1.0 - min_correlation) + 1e-4))
         query_low = rows @ LOW_BASIS.T
-        self._current_tree(len(query_ids))
+        # Without a tree, many queries cost more scanned one by one than the tree's build.
+        self._current_tree(wait=self._tree is None and len(query_ids) > DIRECT_QUERIES_MAX)
         if self._tree is None:
             in_tree = [()] * len(query_ids)
         else:
@@ -207,16 +219,48 @@ class SignatureCodes:
 
     def _near_tail(self, query_low: np.ndarray, radius: float) -> list[np.ndarray]:
         """For each query, the rows after the tree's (all of them before there is one) within
-        `radius` of it, scanned in chunks: |t - q|^2 = |t|^2 - 2 t.q + |q|^2 by one product."""
+        `radius` of it, scanned in blocks: |t - q|^2 = |t|^2 - 2 t.q + |q|^2 by one product."""
         found = [[] for _ in range(len(query_low))]
         query_sq = np.einsum("ij,ij->i", query_low, query_low)
         for start in range(self._tree_count, self._count, DIRECT_CHUNK):
             chunk = self.low[start : min(start + DIRECT_CHUNK, self._count)]
-            distance = np.einsum("ij,ij->i", chunk, chunk)[:, None] - 2.0 * (chunk @ query_low.T) + query_sq
-            rows, queries = np.nonzero(distance <= radius * radius)
-            for q in range(len(query_low)):
-                found[q].append(start + rows[queries == q])
+            chunk_sq = np.einsum("ij,ij->i", chunk, chunk)[:, None]
+            step = max(1, DIRECT_ELEMENTS // len(chunk))
+            for first in range(0, len(query_low), step):
+                block = slice(first, first + step)
+                distance = chunk_sq - 2.0 * (chunk @ query_low[block].T) + query_sq[block]
+                rows, queries = np.nonzero(distance <= radius * radius)
+                for q in range(block.start, min(block.stop, len(query_low))):
+                    found[q].append(start + rows[queries == q - block.start])
         return [np.concatenate(rows) if rows else np.zeros(0, np.int64) for rows in found]
+
+
+class _TreeBuild:
+    """A k-d tree over `low` built in a thread of its own (cKDTree builds without the GIL)."""
+
+    def __init__(self, low: np.ndarray):
+        self.count = len(low)
+        self._tree: cKDTree | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._build, args=(low,), name="signature-tree", daemon=True)
+        self._thread.start()
+
+    def _build(self, low: np.ndarray) -> None:
+        try:
+            # A copy of the rows (as float64): later rows go to the tail. Unbalanced, uncompacted
+            # nodes build in half the time and answer these small balls as fast.
+            self._tree = cKDTree(low, leafsize=32, balanced_tree=False, compact_nodes=False, copy_data=True)
+        except BaseException as error:  # handed to the query that adopts it
+            self._error = error
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> cKDTree:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._tree
 
 
 def grown_rows(array: np.ndarray, used: int, size: int) -> np.ndarray:
