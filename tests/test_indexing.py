@@ -28,6 +28,7 @@ import cli
 import databases
 from conftest import SAMPLES, cli_command, rows_by_path
 from indexer import store
+from indexer.duplicates import signature_snapshot
 from indexer.errors import NotIndexed
 from indexer.library import Library
 from indexer.models import BackboneRow, EmbeddingRow, ImageRow
@@ -497,8 +498,11 @@ def test_reindex_rebuilds_from_stored_embeddings(tmp_path, photo_dir, model_cach
     assert "rebuilt the index: 20 vectors" in result.stderr
     after = read_manifest(home / "index")
     assert after["generation"] == before["generation"] + 1 and after["count"] == 20
-    # The live-reload stamp of the tags stays; no older generation or temporary file does.
-    assert sorted(p.name for p in (home / "index").iterdir()) == sorted(["index.json", after["file"], "tags.stamp"])
+    # The live-reload stamp of the tags and the saved duplicate signatures stay (they carry their
+    # own generation); no older generation of the vectors or temporary file does.
+    assert sorted(p.name for p in (home / "index").iterdir()) == sorted(
+        ["index.json", after["file"], "tags.stamp", signature_snapshot.FILE]
+    )
 
     library = open_library(home, model_cache)
     assert_consistent(library)

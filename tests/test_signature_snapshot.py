@@ -4,6 +4,9 @@ does (or reads it whole when the database is not the one they were read from).""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sqlalchemy import select, update
@@ -75,11 +78,19 @@ def test_nothing_to_load_and_codes_of_no_generation_not_saved(signatures, tmp_pa
 
 def test_a_write_killed_midway_leaves_the_old_file_and_the_next_write_clears_it(signatures, tmp_path):  # noqa: F811
     data = _saved(signatures, tmp_path)
-    leftover = tmp_path / f".{signature_snapshot.FILE}.123.abcd"
-    leftover.write_bytes(data[:100])  # what a kill during a write leaves
-    assert signature_snapshot.load(tmp_path).generation == (7, "a-token")
-    signature_snapshot.save(_codes(signatures, generation=(8, "next")), tmp_path)
-    assert not leftover.exists() and signature_snapshot.load(tmp_path).generation == (8, "next")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as running:
+        leftover = tmp_path / f".{signature_snapshot.FILE}.{gone.pid}.abcd"
+        leftover.write_bytes(data[:100])  # what a kill during a write leaves
+        # Another process's write in progress: not this one's to remove.
+        writing = tmp_path / f".{signature_snapshot.FILE}.{running.pid}.ef01"
+        writing.write_bytes(data[:100])
+        assert signature_snapshot.load(tmp_path).generation == (7, "a-token")
+        signature_snapshot.save(_codes(signatures, generation=(8, "next")), tmp_path)
+        assert not leftover.exists() and writing.exists()
+        assert signature_snapshot.load(tmp_path).generation == (8, "next")
+        running.kill()
 
 
 def _whole_reads(monkeypatch) -> list:

@@ -51,7 +51,8 @@ def save(codes: SignatureCodes, folder: Path) -> None:
     encoded = json.dumps(header).encode()
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".{FILE}.*"):  # left by a kill mid-write
-        stale.unlink(missing_ok=True)
+        if not _writer_alive(stale):
+            stale.unlink(missing_ok=True)
     temporary = folder / f".{FILE}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         with open(temporary, "wb") as out:
@@ -65,6 +66,23 @@ def save(codes: SignatureCodes, folder: Path) -> None:
         fsync_path(folder)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process named in a temporary file's name still runs (it may be writing it now)."""
+    try:
+        pid = int(temporary.name.split(".")[-2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process saves one set at a time: its own leftovers are stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(folder: Path) -> SignatureCodes | None:
